@@ -1,0 +1,6 @@
+"""VQ-VAE, method 'none'. Argument: '[<data set>][,<configuration number>]'."""
+from mtvae_jax import config as config_lib
+
+
+def get_config(arg=None):
+  return config_lib.base_config('vq', 'none', arg)

@@ -1,0 +1,130 @@
+"""Default configs and up-front validation.
+
+Every file in configs/ is `get_config(arg)` over `base_config`; `arg` is a
+comma-separated list whose words name the data set and/or the thesis's
+network configuration by number, e.g. 'digits', 'idx,2', '3'.
+"""
+import ml_collections
+
+from mtvae_jax import data
+from mtvae_jax import masks
+from mtvae_jax import models
+from mtvae_jax.errors import UserError
+
+# The thesis's network configurations (its 3.4.2).
+PRESETS = {
+    'gaussian': {
+        1: dict(latent_dim=16, hidden_sizes=(32, 64, 128, 256)),
+        2: dict(latent_dim=64, hidden_sizes=(32, 64, 128, 256)),
+    },
+    'vq': {
+        1: dict(num_embeddings=128, embedding_dim=16, hidden_sizes=(32, 64), num_residual_layers=0),
+        2: dict(num_embeddings=128, embedding_dim=32, hidden_sizes=(128, 256), num_residual_layers=2),
+        3: dict(num_embeddings=256, embedding_dim=64, hidden_sizes=(128, 256), num_residual_layers=4),
+    },
+}
+# Observed pixels for the fixed-count masks: a stride-2 grid on 8x8 digits, stride 4 on 28x28.
+DEFAULT_NUM_PIXELS = {'digits': 16}
+FALLBACK_NUM_PIXELS = 49
+
+
+def base_config(model, method, arg=None):
+  """The config of `model` ('gaussian' | 'vq') trained by `method` ('none' | 'multi' | 'single')."""
+  words = [w for w in (arg or '').split(',') if w]
+  presets = [int(w) for w in words if w.isdigit()]
+  names = [w for w in words if not w.isdigit()]
+  if len(presets) > 1 or len(names) > 1:
+    raise UserError(f"config argument '{arg}' is not allowed: give at most one data set name and "
+                    'one configuration number, e.g. digits,2')
+  preset = presets[0] if presets else 1
+  if preset not in PRESETS[model]:
+    raise UserError(f'config argument: configuration {preset} is not allowed for model={model}: '
+                    f'use one of {", ".join(map(str, PRESETS[model]))}')
+  dataset = names[0] if names else 'digits'
+
+  config = ml_collections.ConfigDict()
+  config.model = model
+  config.method = method
+  config.preset = preset
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict(dict(
+      name=dataset, path='', validation_fraction=0.1, test_fraction=0.1))
+
+  config.gaussian = ml_collections.ConfigDict(PRESETS['gaussian'][preset if model == 'gaussian' else 1])
+  config.vq = ml_collections.ConfigDict(dict(
+      PRESETS['vq'][preset if model == 'vq' else 1], commitment_cost=0.25))
+
+  config.mask = ml_collections.ConfigDict(dict(
+      sampling='exact' if method == 'multi' else 'uniform',
+      count='power_law' if method == 'single' else 'fixed',
+      num_pixels=DEFAULT_NUM_PIXELS.get(dataset, FALLBACK_NUM_PIXELS),
+      power_law_exponent=40.0,
+      gaussian_std=0.25))
+
+  # Loss weights: W1 (decoder 1), W2 (conditioned decoder), beta (KL) or the VQ term's weight.
+  config.loss = ml_collections.ConfigDict(dict(
+      weights=dict(recon=1.0, recon_cond=1.0, kl=1e-3, vq=1.0)))
+
+  config.train = ml_collections.ConfigDict(dict(
+      num_epochs=100, batch_size=128, learning_rate=1e-3, weight_decay=1e-4))
+  return config
+
+
+def _require(ok, key, value, allowed):
+  if not ok:
+    raise UserError(f'config.{key}={value!r} is not allowed: {allowed}')
+
+
+def _one_of(config, key, choices):
+  value = config
+  for part in key.split('.'):
+    value = value[part]
+  _require(value in choices, key, value, 'use one of ' + ', '.join(choices))
+
+
+def validate(config):
+  """Checks every key that does not depend on the data; raises UserError on the first bad one."""
+  _one_of(config, 'model', tuple(models.MODELS))
+  _one_of(config, 'method', models.METHODS)
+  _one_of(config, 'data.name', tuple(data.DATASETS))
+  _one_of(config, 'mask.sampling', masks.SAMPLINGS)
+  _one_of(config, 'mask.count', masks.COUNTS)
+  mask = config.mask
+  _require(mask.power_law_exponent > 0, 'mask.power_law_exponent', mask.power_law_exponent,
+           'use a number > 0')
+  _require(mask.gaussian_std > 0, 'mask.gaussian_std', mask.gaussian_std, 'use a number > 0')
+  _require(mask.num_pixels >= 0, 'mask.num_pixels', mask.num_pixels,
+           'use a count from 0 to the number of pixels of an image')
+  for key in ('validation_fraction', 'test_fraction'):
+    value = config.data[key]
+    _require(0 < value < 1, f'data.{key}', value, 'use a value in (0, 1)')
+  for key in ('num_epochs', 'batch_size'):
+    _require(config.train[key] >= 1, f'train.{key}', config.train[key], 'use an integer >= 1')
+  _require(config.train.learning_rate > 0, 'train.learning_rate', config.train.learning_rate,
+           'use a number > 0')
+  _require(config.train.weight_decay >= 0, 'train.weight_decay', config.train.weight_decay,
+           'use a number >= 0')
+  for name, weight in config.loss.weights.items():
+    _require(weight >= 0, f'loss.weights.{name}', weight, 'use a number >= 0')
+  family = config[config.model]
+  _require(len(family.hidden_sizes) >= 1 and min(family.hidden_sizes) >= 1,
+           f'{config.model}.hidden_sizes', tuple(family.hidden_sizes),
+           'use one or more positive channel counts')
+  for key in ('latent_dim', 'num_embeddings', 'embedding_dim'):
+    if key in family:
+      _require(family[key] >= 1, f'{config.model}.{key}', family[key], 'use an integer >= 1')
+  if config.model == 'vq':
+    _require(family.num_residual_layers >= 0, 'vq.num_residual_layers',
+             family.num_residual_layers, 'use an integer >= 0')
+    _require(family.commitment_cost >= 0, 'vq.commitment_cost', family.commitment_cost,
+             'use a number >= 0')
+
+
+def validate_for_data(config, splits):
+  """Checks the keys that depend on the loaded images."""
+  height, width, _ = splits.train.shape[1:]
+  _require(config.mask.num_pixels <= height * width, 'mask.num_pixels', config.mask.num_pixels,
+           f'use a count from 0 to {height * width}, the pixels of a {height}x{width} image')
+  _require(config.train.batch_size <= len(splits.train), 'train.batch_size',
+           config.train.batch_size, f'use at most {len(splits.train)}, the training images')

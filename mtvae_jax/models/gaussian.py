@@ -1,0 +1,58 @@
+"""Gaussian VAE (thesis 2.1.2) with optional conditioned decoder (3.2, 3.3)."""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtvae_jax import losses
+from mtvae_jax.models import base
+from mtvae_jax.models import layers
+
+
+class Encoder(nn.Module):
+  """(B, H, W, C) -> mean, log-variance, each (B, latent_dim)."""
+  hidden_sizes: Sequence[int]
+  latent_dim: int
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    for features in self.hidden_sizes:
+      x = layers.leaky_relu(layers.batch_norm(train)(layers.down(features, 3)(x)))
+    x = x.reshape(x.shape[0], -1)
+    return nn.Dense(self.latent_dim)(x), nn.Dense(self.latent_dim)(x)
+
+
+class Decoder(nn.Module):
+  """z: (B, latent_dim) [+ m] -> (B, Hp, Wp, C) in [0, 1]; mirrors the encoder."""
+  hidden_sizes: Sequence[int]
+  start: Sequence[int]          # (h, w) of the smallest grid
+  out_channels: int
+
+  @nn.compact
+  def __call__(self, z, m=None, *, train):
+    h = layers.merge_condition(z, m, (*self.start, self.hidden_sizes[-1]))
+    for features in (*reversed(self.hidden_sizes[:-1]), self.hidden_sizes[0]):
+      h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 3)(h)))
+    return nn.sigmoid(nn.Conv(self.out_channels, (3, 3), padding=1)(h))
+
+
+class GaussianVAE(base.MultitaskAutoencoder):
+  """Encoder, reparameterised z, and the decoders of the method."""
+  hidden_sizes: Sequence[int]
+  latent_dim: int
+
+  def setup(self):
+    channels = self.image_shape[-1]
+    self.padded, start = self.grids(len(self.hidden_sizes))
+    self.encoder = Encoder(self.hidden_sizes, self.latent_dim)
+    if self.method != 'single':
+      self.decoder = Decoder(self.hidden_sizes, start, channels)
+    if self.method != 'none':
+      self.cond_decoder = Decoder(self.hidden_sizes, start, channels)
+
+  def encode(self, x, key, *, train):
+    """Returns z (B, latent_dim), drawn by reparameterisation, and the KL term."""
+    mean, log_var = self.encoder(layers.pad_to(x, *self.padded), train=train)
+    z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape)
+    return z, {'kl': losses.kl_divergence(mean, log_var)}

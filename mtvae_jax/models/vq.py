@@ -1,0 +1,104 @@
+"""VQ-VAE (thesis 2.2) with optional conditioned decoder (3.2.3, 3.3.3)."""
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mtvae_jax import losses
+from mtvae_jax.models import base
+from mtvae_jax.models import layers
+
+
+class Encoder(nn.Module):
+  """(B, H, W, C) -> z_e (B, H / 2**L, W / 2**L, embedding_dim)."""
+  hidden_sizes: Sequence[int]
+  num_residual_layers: int
+  embedding_dim: int
+
+  @nn.compact
+  def __call__(self, x, *, train):
+    for features in self.hidden_sizes:
+      x = layers.leaky_relu(layers.batch_norm(train)(layers.down(features, 4)(x)))
+    x = layers.leaky_relu(nn.Conv(self.hidden_sizes[-1], (3, 3), padding=1)(x))
+    for _ in range(self.num_residual_layers):
+      x = layers.ResidualLayer()(x)
+    x = layers.leaky_relu(x)
+    return layers.leaky_relu(nn.Conv(self.embedding_dim, (1, 1))(x))
+
+
+class VectorQuantizer(nn.Module):
+  """Nearest-neighbour lookup in a K x D codebook with straight-through gradients."""
+  num_embeddings: int
+  embedding_dim: int
+
+  def setup(self):
+    bound = 1.0 / self.num_embeddings
+    init = lambda key, shape: jax.random.uniform(key, shape, minval=-bound, maxval=bound)
+    self.codebook = self.param('codebook', init, (self.num_embeddings, self.embedding_dim))
+
+  def codes(self, z_e):
+    """(..., D) -> (...) int32 index of the nearest codebook vector."""
+    codebook = self.codebook
+    distances = (jnp.sum(jnp.square(z_e), -1, keepdims=True)
+                 - 2.0 * z_e @ codebook.T + jnp.sum(jnp.square(codebook), -1))
+    return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+  def lookup(self, codes):
+    """(...) int -> (..., D) codebook vectors."""
+    return self.codebook[codes]
+
+  def __call__(self, z_e):
+    """Returns z_q with the gradient of z_e (straight-through), z_q itself, and codes."""
+    codes = self.codes(z_e)
+    z_q = self.lookup(codes)
+    return z_e + jax.lax.stop_gradient(z_q - z_e), z_q, codes
+
+
+class Decoder(nn.Module):
+  """z_q (B, h, w, D) [+ m] -> (B, Hp, Wp, C) in [0, 1]; mirrors the encoder.
+
+  With m, z_q and m are flattened, concatenated and mapped back to the
+  (h, w, D) grid by one dense layer (thesis 3.2.3).
+  """
+  hidden_sizes: Sequence[int]
+  num_residual_layers: int
+  out_channels: int
+
+  @nn.compact
+  def __call__(self, z_q, m=None, *, train):
+    h = z_q if m is None else layers.merge_condition(z_q, m, z_q.shape[1:])
+    h = layers.leaky_relu(nn.Conv(self.hidden_sizes[-1], (3, 3), padding=1)(h))
+    for _ in range(self.num_residual_layers):
+      h = layers.ResidualLayer()(h)
+    h = layers.leaky_relu(h)
+    for features in reversed(self.hidden_sizes[:-1]):
+      h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 4)(h)))
+    return nn.sigmoid(layers.up(self.out_channels, 4)(h))
+
+
+class VQVAE(base.MultitaskAutoencoder):
+  """Encoder, quantiser and the decoders of the method."""
+  hidden_sizes: Sequence[int]
+  num_residual_layers: int
+  num_embeddings: int
+  embedding_dim: int
+  commitment_cost: float
+
+  def setup(self):
+    channels = self.image_shape[-1]
+    self.padded, _ = self.grids(len(self.hidden_sizes))
+    self.encoder = Encoder(self.hidden_sizes, self.num_residual_layers, self.embedding_dim)
+    self.quantizer = VectorQuantizer(self.num_embeddings, self.embedding_dim)
+    if self.method != 'single':
+      self.decoder = Decoder(self.hidden_sizes, self.num_residual_layers, channels)
+    if self.method != 'none':
+      self.cond_decoder = Decoder(self.hidden_sizes, self.num_residual_layers, channels)
+
+  def encode(self, x, key=None, *, train):
+    """Returns the straight-through z_q (B, h, w, D) and the VQ loss term."""
+    del key  # the encoder is deterministic
+    z_e = self.encoder(layers.pad_to(x, *self.padded), train=train)
+    z_q_st, z_q, _ = self.quantizer(z_e)
+    codebook, commitment = losses.vq_terms(z_e, z_q, self.commitment_cost)
+    return z_q_st, {'vq': codebook + commitment}

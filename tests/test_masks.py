@@ -1,0 +1,90 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mtvae_jax import masks
+
+
+def draw(sampler, num, k, shape, seed=0):
+  keys = jax.random.split(jax.random.key(seed), num)
+  return np.asarray(jax.jit(jax.vmap(lambda key: sampler(key, k, shape)))(keys))
+
+
+@pytest.mark.parametrize('k', [0, 1, 7, 64])
+def test_uniform_mask_has_exactly_k_distinct_pixels(k):
+  mask = draw(masks.uniform_mask, 200, k, (8, 8))
+  chex.assert_shape(mask, (200, 8, 8, 1))
+  np.testing.assert_array_equal(mask.sum(axis=(1, 2, 3)), k)
+  assert set(np.unique(mask)) <= {0.0, 1.0}
+
+
+def test_uniform_mask_covers_pixels_evenly():
+  counts = draw(masks.uniform_mask, 4000, 8, (8, 8)).mean(axis=0).ravel()
+  np.testing.assert_allclose(counts, 8 / 64, atol=0.025)
+
+
+def test_uniform_mask_differs_between_draws():
+  mask = draw(masks.uniform_mask, 2, 10, (8, 8))
+  assert not np.array_equal(mask[0], mask[1])
+
+
+@pytest.mark.parametrize('shape,k,stride,offset', [((8, 8), 16, 2, 0), ((8, 8), 4, 4, 0),
+                                                  ((28, 28), 49, 4, 2), ((32, 32), 64, 4, 0)])
+def test_exact_mask_is_the_fixed_regular_grid(shape, k, stride, offset):
+  mask = draw(masks.exact_mask, 3, k, shape)
+  grid = np.zeros((*shape, 1), np.float32)
+  grid[offset::stride, offset::stride] = 1.0
+  for m in mask:
+    np.testing.assert_array_equal(m, grid)
+
+
+@pytest.mark.parametrize('k', [0, 5, 30, 784])
+def test_exact_mask_has_k_pixels_for_any_count(k):
+  assert draw(masks.exact_mask, 1, k, (28, 28)).sum() == k
+
+
+def test_gaussian_mask_draws_centre_more_often_than_border():
+  mask = draw(masks.gaussian_mask, 3000, 20, (16, 16))
+  freq = mask.mean(axis=0)[..., 0]
+  assert freq[6:10, 6:10].mean() > 3 * freq[:2, :].mean()
+  counts = mask.sum(axis=(1, 2, 3))
+  assert counts.max() <= 20 and counts.min() >= 1
+  assert counts.mean() < 20  # draws with replacement repeat pixels
+
+
+def test_gaussian_mask_with_zero_count_is_empty():
+  assert draw(masks.gaussian_mask, 5, 0, (8, 8)).sum() == 0
+
+
+@pytest.mark.parametrize('num_pixels,exponent', [(64, 20.0), (784, 40.0), (784, 60.0)])
+def test_power_law_counts_match_closed_form(num_pixels, exponent):
+  keys = jax.random.split(jax.random.key(1), 40000)
+  counts = np.asarray(jax.vmap(lambda k: masks.power_law_count(k, num_pixels, exponent))(keys))
+  assert counts.min() >= 0 and counts.max() <= num_pixels
+  mean = masks.power_law_mean_count(num_pixels, exponent)
+  np.testing.assert_allclose(counts.mean(), mean, rtol=0.03)
+  empty = masks.power_law_empty_fraction(num_pixels, exponent)
+  assert abs((counts == 0).mean() - empty) < 4 * np.sqrt(empty * (1 - empty) / len(counts)) + 1e-3
+
+
+def test_power_law_masks_include_empty_ones_under_jit():
+  sampler = lambda key, shape: masks.sample_mask(
+      key, shape, sampling='uniform', count='power_law', num_pixels=0,
+      power_law_exponent=60.0, gaussian_std=0.25)
+  images = jnp.ones((2000, 8, 8, 1))
+  counts = np.asarray(jax.jit(lambda key: masks.batch_masks(key, images, sampler))(
+      jax.random.key(3))).sum(axis=(1, 2, 3))
+  empty = masks.power_law_empty_fraction(64, 60.0)
+  assert 0.5 * empty < (counts == 0).mean() < 1.5 * empty
+
+
+def test_conditioning_stacks_mask_and_masked_image():
+  images = jax.random.uniform(jax.random.key(0), (2, 4, 4, 3))
+  mask = jnp.zeros((2, 4, 4, 1)).at[:, 1, 2].set(1.0)
+  m = masks.conditioning(images, mask)
+  chex.assert_shape(m, (2, 4, 4, 4))
+  np.testing.assert_array_equal(m[..., :1], mask)
+  np.testing.assert_allclose(m[:, 1, 2, 1:], images[:, 1, 2])
+  assert float(jnp.abs(m[..., 1:]).sum()) == pytest.approx(float(jnp.abs(images[:, 1, 2]).sum()))

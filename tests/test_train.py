@@ -1,0 +1,101 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from conftest import VARIANTS
+from mtvae_jax import data
+from mtvae_jax import models
+from mtvae_jax import train
+from mtvae_jax.errors import UserError
+
+
+@pytest.mark.parametrize('model_name,method', VARIANTS)
+def test_a_few_steps_lower_the_loss(make_config, model_name, method):
+  config = make_config(model_name, method)
+  splits = data.load(config.data, config.seed)
+  model = models.build_model(config, splits.train.shape[1:])
+  state = train.create_train_state(config, model, splits.train.shape[1:], jax.random.key(0))
+  step = jax.jit(lambda s, x, k: train.train_step(s, x, k, config=config))
+  batch = splits.train[:64]
+  losses = []
+  for _ in range(25):
+    state, metrics = step(state, batch, jax.random.key(1))
+    losses.append(float(metrics['loss']))
+  assert np.isfinite(losses).all()
+  assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:3])
+  expected = {'loss', 'recon_loss', f'{models.REGULARIZER[model_name]}_loss'}
+  if method == 'multi':
+    expected.add('recon_cond_loss')
+  assert set(metrics) == expected
+
+
+def test_train_step_compiles_once(make_config):
+  config = make_config('gaussian', 'single')
+  splits = data.load(config.data, config.seed)
+  model = models.build_model(config, splits.train.shape[1:])
+  state = train.create_train_state(config, model, splits.train.shape[1:], jax.random.key(0))
+  step = jax.jit(lambda s, x, k: train.train_step(s, x, k, config=config))
+  for i in range(3):
+    state, _ = step(state, splits.train[i * 64:(i + 1) * 64], jax.random.key(1))
+  assert step._cache_size() == 1
+
+
+def test_train_and_evaluate_writes_outputs_and_keeps_best_epoch(make_config, tmp_path):
+  config = make_config('vq', 'multi', num_epochs=3)
+  result = train.train_and_evaluate(config, tmp_path)
+  history = [json.loads(line) for line in (tmp_path / 'history.jsonl').read_text().splitlines()]
+  assert [h['epoch'] for h in history] == [1, 2, 3]
+  for key in ('train/loss', 'val/loss', 'val/recon_loss', 'val/recon_cond_loss', 'val/vq_loss',
+              'seconds', 'images_per_s'):
+    assert all(np.isfinite(h[key]) for h in history), key
+  val = [h['val/loss'] for h in history]
+  assert result['best_epoch'] == 1 + int(np.argmin(val))
+  assert result['best_val_loss'] == pytest.approx(min(val))
+  saved = json.loads((tmp_path / 'metrics.json').read_text())
+  assert saved == pytest.approx(result)
+  for key in ('loss', 'recon_loss', 'recon_cond_loss', 'vq_loss', 'best_epoch'):
+    assert key in saved
+  assert json.loads((tmp_path / 'config.json').read_text())['method'] == 'multi'
+  assert (tmp_path / 'checkpoints' / str(result['best_epoch'])).is_dir()
+
+
+def test_test_metrics_come_from_the_best_checkpoint(make_config, tmp_path):
+  config = make_config('gaussian', 'none', num_epochs=3)
+  config.train.learning_rate = 0.05  # large enough that later epochs can be worse
+  result = train.train_and_evaluate(config, tmp_path)
+  # Re-evaluating the validation split with the restored best checkpoint reproduces its val loss.
+  import orbax.checkpoint as ocp
+  splits = data.load(config.data, config.seed)
+  model = models.build_model(config, splits.train.shape[1:])
+  state = train.create_train_state(config, model, splits.train.shape[1:], jax.random.key(0))
+  restored = ocp.CheckpointManager(tmp_path / 'checkpoints').restore(
+      result['best_epoch'], args=ocp.args.StandardRestore(
+          {'params': state.params, 'batch_stats': state.batch_stats}))
+  state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+  eval_fn = jax.jit(lambda s, x, w, k: train.eval_step(s, x, w, k, config=config))
+  _, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+  val = train.evaluate(eval_fn, state, splits.validation, config.train.batch_size, eval_key)
+  assert val['loss'] == pytest.approx(result['best_val_loss'], rel=1e-5)
+
+
+def test_same_config_and_seed_give_the_same_metrics(make_config, tmp_path):
+  config = make_config('gaussian', 'single', num_epochs=1)
+  first = train.train_and_evaluate(config, tmp_path / 'a')
+  second = train.train_and_evaluate(config, tmp_path / 'b')
+  assert first == second
+  config.seed = 1
+  assert train.train_and_evaluate(config, tmp_path / 'c')['loss'] != first['loss']
+
+
+def test_workdir_of_another_config_is_refused_and_kept(make_config, tmp_path):
+  config = make_config('vq', 'none', num_epochs=1)
+  train.train_and_evaluate(config, tmp_path)
+  before = (tmp_path / 'metrics.json').read_text()
+  other = make_config('vq', 'none', num_epochs=2)
+  with pytest.raises(UserError, match='another config.*train.num_epochs'):
+    train.train_and_evaluate(other, tmp_path)
+  assert (tmp_path / 'metrics.json').read_text() == before
+  # the same config again returns the finished run's metrics without retraining
+  assert train.train_and_evaluate(config, tmp_path) == json.loads(before)

@@ -49,7 +49,7 @@ def base_config(model, method, arg=None):
   config.seed = 0
 
   config.data = ml_collections.ConfigDict(dict(
-      name=dataset, path='', validation_fraction=0.1, test_fraction=0.1))
+      name=dataset, path='', validation_fraction=0.1, test_fraction=0.1, num_folds=0, fold=0))
 
   config.gaussian = ml_collections.ConfigDict(PRESETS['gaussian'][preset if model == 'gaussian' else 1])
   config.vq = ml_collections.ConfigDict(dict(

@@ -3,7 +3,7 @@
 Work directory layout:
   config.json     the resolved config
   history.jsonl   one line per epoch: train/ and val/ metrics, seconds, images/s
-  checkpoints/    orbax checkpoint of the best epoch by validation loss
+  checkpoints/best/  orbax checkpoint of the best epoch by validation loss
   metrics.json    test metrics of the best checkpoint
 """
 import functools
@@ -12,12 +12,13 @@ import pathlib
 import shutil
 import sys
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -160,6 +161,49 @@ def _format(metrics):
   return ' '.join(f'{name}={value:.4g}' for name, value in metrics.items())
 
 
+class Run(NamedTuple):
+  """What a config sets up: data, model, initial train state and random keys."""
+  config: ml_collections.ConfigDict
+  splits: data.Splits
+  model: Any
+  state: TrainState
+  train_key: jax.Array
+  eval_key: jax.Array
+
+
+def setup(config) -> Run:
+  """Data, model and initial state for a validated config (deterministic by config.seed)."""
+  splits = data.load(config.data, config.seed)
+  config_lib.validate_for_data(config, splits)
+  image_shape = splits.train.shape[1:]
+  model = models.build_model(config, image_shape)
+  init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
+  state = create_train_state(config, model, image_shape, init_key)
+  return Run(config, splits, model, state, train_key, eval_key)
+
+
+def _best_checkpoints(workdir):
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints' / 'best',
+                               options=ocp.CheckpointManagerOptions(max_to_keep=1))
+
+
+def _restore(manager, state, step):
+  restored = manager.restore(step, args=ocp.args.StandardRestore(
+      {'params': state.params, 'batch_stats': state.batch_stats}))
+  return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+
+
+def load_run(workdir) -> Run:
+  """A finished run of `workdir`, its state restored from the best checkpoint."""
+  workdir = pathlib.Path(workdir)
+  if not (workdir / 'metrics.json').exists():
+    raise UserError(f"workdir '{workdir}' holds no finished run (no metrics.json): train it first")
+  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  run = setup(config)
+  manager = _best_checkpoints(workdir)
+  return run._replace(state=_restore(manager, run.state, manager.latest_step()))
+
+
 def train_and_evaluate(config, workdir) -> dict:
   """Trains config's model, keeps the best epoch by validation loss, returns its test metrics.
 
@@ -172,16 +216,11 @@ def train_and_evaluate(config, workdir) -> dict:
     print(f'{workdir} holds a finished run of this config; its metrics.json is kept.')
     return finished
   workdir = pathlib.Path(workdir).absolute()
-
-  splits = data.load(config.data, config.seed)
-  config_lib.validate_for_data(config, splits)
-  image_shape = splits.train.shape[1:]
-  model = models.build_model(config, image_shape)
-  init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-  state = create_train_state(config, model, image_shape, init_key)
+  run = setup(config)
+  splits, state = run.splits, run.state
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.model} VAE, method {config.method}: {num_params:,} parameters; data '
-        f'{config.data.name} {image_shape}: {len(splits.train)} train, '
+        f'{config.data.name} {splits.train.shape[1:]}: {len(splits.train)} train, '
         f'{len(splits.validation)} validation, {len(splits.test)} test images')
 
   train_fn = jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
@@ -189,8 +228,7 @@ def train_and_evaluate(config, workdir) -> dict:
   batch_size = config.train.batch_size
   steps_per_epoch = len(splits.train) // batch_size
   train_images = jax.device_put(splits.train)
-  checkpoints = ocp.CheckpointManager(
-      workdir / 'checkpoints', options=ocp.CheckpointManagerOptions(max_to_keep=1))
+  checkpoints = _best_checkpoints(workdir)
 
   best_loss, best_epoch = np.inf, 0
   with open(workdir / 'history.jsonl', 'w') as history:
@@ -201,11 +239,11 @@ def train_and_evaluate(config, workdir) -> dict:
       for step in tqdm.trange(steps_per_epoch, desc=f'epoch {epoch}', leave=False,
                               disable=None, file=sys.stderr):
         batch = train_images[order[step * batch_size:(step + 1) * batch_size]]
-        state, metrics = train_fn(state, batch, train_key)
+        state, metrics = train_fn(state, batch, run.train_key)
         step_metrics.append(metrics)
       train_metrics = jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *step_metrics))
       seconds = time.perf_counter() - start
-      val_metrics = evaluate(eval_fn, state, splits.validation, batch_size, eval_key)
+      val_metrics = evaluate(eval_fn, state, splits.validation, batch_size, run.eval_key)
       record = {'epoch': epoch,
                 **{f'train/{k}': float(v) for k, v in train_metrics.items()},
                 **{f'val/{k}': v for k, v in val_metrics.items()},
@@ -220,10 +258,8 @@ def train_and_evaluate(config, workdir) -> dict:
             f'{record["images_per_s"]:.0f} images/s', flush=True)
 
   checkpoints.wait_until_finished()
-  best = checkpoints.restore(best_epoch, args=ocp.args.StandardRestore(
-      {'params': state.params, 'batch_stats': state.batch_stats}))
-  state = state.replace(params=best['params'], batch_stats=best['batch_stats'])
-  test_metrics = evaluate(eval_fn, state, splits.test, batch_size, eval_key)
+  state = _restore(checkpoints, state, best_epoch)
+  test_metrics = evaluate(eval_fn, state, splits.test, batch_size, run.eval_key)
   result = dict(test_metrics, best_epoch=best_epoch, best_val_loss=best_loss,
                 num_params=int(num_params))
   (workdir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')

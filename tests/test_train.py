@@ -58,26 +58,25 @@ def test_train_and_evaluate_writes_outputs_and_keeps_best_epoch(make_config, tmp
   for key in ('loss', 'recon_loss', 'recon_cond_loss', 'vq_loss', 'best_epoch'):
     assert key in saved
   assert json.loads((tmp_path / 'config.json').read_text())['method'] == 'multi'
-  assert (tmp_path / 'checkpoints' / str(result['best_epoch'])).is_dir()
+  assert (tmp_path / 'checkpoints' / 'best' / str(result['best_epoch'])).is_dir()
 
 
 def test_test_metrics_come_from_the_best_checkpoint(make_config, tmp_path):
   config = make_config('gaussian', 'none', num_epochs=3)
   config.train.learning_rate = 0.05  # large enough that later epochs can be worse
   result = train.train_and_evaluate(config, tmp_path)
-  # Re-evaluating the validation split with the restored best checkpoint reproduces its val loss.
-  import orbax.checkpoint as ocp
-  splits = data.load(config.data, config.seed)
-  model = models.build_model(config, splits.train.shape[1:])
-  state = train.create_train_state(config, model, splits.train.shape[1:], jax.random.key(0))
-  restored = ocp.CheckpointManager(tmp_path / 'checkpoints').restore(
-      result['best_epoch'], args=ocp.args.StandardRestore(
-          {'params': state.params, 'batch_stats': state.batch_stats}))
-  state = state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+  run = train.load_run(tmp_path)  # restores the best checkpoint
   eval_fn = jax.jit(lambda s, x, w, k: train.eval_step(s, x, w, k, config=config))
-  _, _, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-  val = train.evaluate(eval_fn, state, splits.validation, config.train.batch_size, eval_key)
+  val = train.evaluate(eval_fn, run.state, run.splits.validation, config.train.batch_size,
+                       run.eval_key)
   assert val['loss'] == pytest.approx(result['best_val_loss'], rel=1e-5)
+  test = train.evaluate(eval_fn, run.state, run.splits.test, config.train.batch_size, run.eval_key)
+  assert test['loss'] == pytest.approx(result['loss'], rel=1e-5)
+
+
+def test_load_run_refuses_an_unfinished_workdir(tmp_path):
+  with pytest.raises(UserError, match='holds no finished run'):
+    train.load_run(tmp_path)
 
 
 def test_same_config_and_seed_give_the_same_metrics(make_config, tmp_path):
@@ -99,3 +98,30 @@ def test_workdir_of_another_config_is_refused_and_kept(make_config, tmp_path):
   assert (tmp_path / 'metrics.json').read_text() == before
   # the same config again returns the finished run's metrics without retraining
   assert train.train_and_evaluate(config, tmp_path) == json.loads(before)
+
+
+def test_folds_are_disjoint_cover_the_pool_and_keep_the_test_split(make_config):
+  config = make_config('gaussian', 'none')
+  base = data.load(config.data, config.seed)
+  pool = np.concatenate([base.train, base.validation])
+  config.data.num_folds = 5
+  held_out = []
+  for index in range(5):
+    config.data.fold = index
+    splits = data.load(config.data, config.seed)
+    np.testing.assert_array_equal(splits.test, base.test)
+    assert len(splits.train) + len(splits.validation) == len(pool)
+    held_out.append(splits.validation)
+    again = data.load(config.data, config.seed)
+    np.testing.assert_array_equal(again.validation, splits.validation)
+  # together the held-out folds are the pool, each image once
+  flat = np.concatenate(held_out).reshape(len(pool), -1)
+  np.testing.assert_array_equal(np.sort(flat, axis=0), np.sort(pool.reshape(len(pool), -1), axis=0))
+
+
+@pytest.mark.parametrize('num_folds,fold,message', [(1, 0, 'data.num_folds=1'), (5, 5, 'data.fold=5')])
+def test_bad_fold_settings_are_refused(make_config, num_folds, fold, message):
+  config = make_config('gaussian', 'none')
+  config.data.num_folds, config.data.fold = num_folds, fold
+  with pytest.raises(UserError, match=message):
+    data.load(config.data, config.seed)

@@ -22,11 +22,37 @@ def take_fraction(images, fraction, seed, what):
   return images[np.sort(order[size:])], images[np.sort(order[:size])]
 
 
+def fold(images, num_folds, index, seed):
+  """Fold `index` of `num_folds` as validation, the other folds as training: (train, validation).
+
+  Folds are disjoint, cover `images`, differ in size by at most one, and are
+  fixed by `seed` (the same for every index).
+  """
+  if num_folds < 2 or num_folds > len(images):
+    raise UserError(f'data.num_folds={num_folds} is not allowed: use 0 (no folds) or 2 to '
+                    f'{len(images)}')
+  if not 0 <= index < num_folds:
+    raise UserError(f'data.fold={index} is not allowed: use 0 to {num_folds - 1}')
+  order = np.random.default_rng(seed).permutation(len(images))
+  held_out = np.array_split(order, num_folds)[index]
+  keep = np.ones(len(images), bool)
+  keep[held_out] = False
+  return images[keep], images[np.sort(held_out)]
+
+
 def split(train_images, test_images, data_config, seed):
-  """Splits from a train set (validation cut off it) and a test set or None (cut off too)."""
+  """Splits from a train set and a test set or None (then cut off the train set).
+
+  Validation is data.validation_fraction of the rest, or with data.num_folds
+  >= 2 fold data.fold of it (k-fold cross-validation); the test split is the
+  same for every fold.
+  """
   if test_images is None:
     train_images, test_images = take_fraction(
         train_images, data_config.test_fraction, seed, 'test')
-  train, validation = take_fraction(
-      train_images, data_config.validation_fraction, seed + 1, 'validation')
+  if data_config.num_folds:
+    train, validation = fold(train_images, data_config.num_folds, data_config.fold, seed + 1)
+  else:
+    train, validation = take_fraction(
+        train_images, data_config.validation_fraction, seed + 1, 'validation')
   return Splits(train, validation, test_images)

@@ -3,11 +3,13 @@
 Any config key can be overridden, e.g. --config.train.num_epochs=5. Mistakes
 in flags, config or data end the program with one line and exit status 2.
 """
+import pathlib
 import sys
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
 
 import mtvae_jax
@@ -57,6 +59,21 @@ def parse_flags(argv):
   return rest
 
 
+def parse_workdir_flags(argv, program):
+  """Flag parsing for the commands that act on a finished run: --workdir required, no --config."""
+  try:
+    rest = flags.FLAGS(argv)
+  except flags.Error as e:
+    fail(_flag_error_message(e, argv))
+  if flags.FLAGS['config'].present:
+    fail(f"--config is not a flag of {program}: the run's own config.json is used")
+  if not flags.FLAGS.workdir:
+    fail('--workdir is required: the folder of a finished run of experiments.main')
+  if len(rest) > 1:
+    fail(f'unexpected arguments: {" ".join(rest[1:])}')
+  return rest
+
+
 def run(run_fn):
   """Runs run_fn(config, workdir); a UserError ends the program with its one line."""
   config = _CONFIG.value
@@ -70,6 +87,9 @@ def run(run_fn):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)  # keep orbax's per-save lines off the terminal
+  if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, where set, wins
+    # Compiled steps persist here: a second run of a config skips compilation.
+    jax.config.update('jax_compilation_cache_dir', str(pathlib.Path.home() / '.cache/mtvae_jax/jax'))
   run(mtvae_jax.train_and_evaluate)
 
 

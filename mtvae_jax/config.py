@@ -6,6 +6,7 @@ network configuration by number, e.g. 'digits', 'idx,2', '3'.
 """
 import ml_collections
 
+from mtvae_jax import balancing
 from mtvae_jax import data
 from mtvae_jax import masks
 from mtvae_jax import models
@@ -23,8 +24,12 @@ PRESETS = {
         3: dict(num_embeddings=256, embedding_dim=64, hidden_sizes=(128, 256), num_residual_layers=4),
     },
 }
-# Observed pixels for the fixed-count masks: a stride-2 grid on 8x8 digits, stride 4 on 28x28.
-DEFAULT_NUM_PIXELS = {'digits': 16}
+# Observed pixels for the fixed-count masks: a stride-2 grid on 8x8 digits, a stride-4 grid
+# elsewhere (7x7 on 28x28, 8x8 on 32x32, 16x16 on 64x64); the fallback serves sets of any size.
+# What a non-finite loss does: stop training, or leave the batch out and count it.
+NONFINITE_ACTIONS = ('stop', 'skip')
+DEFAULT_NUM_PIXELS = {'digits': 16, 'mnist': 49, 'fashion_mnist': 49, 'cifar10': 64,
+                      'celeb_a': 256}
 FALLBACK_NUM_PIXELS = 49
 
 
@@ -49,7 +54,8 @@ def base_config(model, method, arg=None):
   config.seed = 0
 
   config.data = ml_collections.ConfigDict(dict(
-      name=dataset, path='', validation_fraction=0.1, test_fraction=0.1, num_folds=0, fold=0))
+      name=dataset, path='', validation_fraction=0.1, test_fraction=0.1, num_folds=0, fold=0,
+      tfds_data_dir='', crop_size=0, image_size=0, num_workers=2))
 
   config.gaussian = ml_collections.ConfigDict(PRESETS['gaussian'][preset if model == 'gaussian' else 1])
   config.vq = ml_collections.ConfigDict(dict(
@@ -63,11 +69,18 @@ def base_config(model, method, arg=None):
       gaussian_std=0.25))
 
   # Loss weights: W1 (decoder 1), W2 (conditioned decoder), beta (KL) or the VQ term's weight.
+  # balancing='softadapt' replaces the weights of softadapt.terms (() = all) during training.
   config.loss = ml_collections.ConfigDict(dict(
-      weights=dict(recon=1.0, recon_cond=1.0, kl=1e-3, vq=1.0)))
+      weights=dict(recon=1.0, recon_cond=1.0, kl=1e-3, vq=1.0),
+      balancing='fixed',
+      softadapt=dict(variant='normalized', terms=(), beta=1.0, update_every=10, window=10,
+                     total=1.0)))
 
+  # The latest state is checkpointed every checkpoint_every_steps steps (0: at epoch ends
+  # only), at each epoch end and on SIGTERM/SIGINT; rerunning the same command resumes.
   config.train = ml_collections.ConfigDict(dict(
-      num_epochs=100, batch_size=128, learning_rate=1e-3, weight_decay=1e-4))
+      num_epochs=100, batch_size=128, learning_rate=1e-3, weight_decay=1e-4,
+      checkpoint_every_steps=500, keep_checkpoints=3, on_nonfinite='stop'))
   return config
 
 
@@ -99,14 +112,22 @@ def validate(config):
   for key in ('validation_fraction', 'test_fraction'):
     value = config.data[key]
     _require(0 < value < 1, f'data.{key}', value, 'use a value in (0, 1)')
+  for key in ('crop_size', 'image_size', 'num_workers'):
+    _require(config.data[key] >= 0, f'data.{key}', config.data[key], 'use an integer >= 0')
   for key in ('num_epochs', 'batch_size'):
     _require(config.train[key] >= 1, f'train.{key}', config.train[key], 'use an integer >= 1')
   _require(config.train.learning_rate > 0, 'train.learning_rate', config.train.learning_rate,
            'use a number > 0')
+  _one_of(config, 'train.on_nonfinite', NONFINITE_ACTIONS)
+  _require(config.train.checkpoint_every_steps >= 0, 'train.checkpoint_every_steps',
+           config.train.checkpoint_every_steps, 'use an integer >= 0 (0: at epoch ends only)')
+  _require(config.train.keep_checkpoints >= 1, 'train.keep_checkpoints',
+           config.train.keep_checkpoints, 'use an integer >= 1')
   _require(config.train.weight_decay >= 0, 'train.weight_decay', config.train.weight_decay,
            'use a number >= 0')
   for name, weight in config.loss.weights.items():
     _require(weight >= 0, f'loss.weights.{name}', weight, 'use a number >= 0')
+  _validate_balancing(config)
   family = config[config.model]
   _require(len(family.hidden_sizes) >= 1 and min(family.hidden_sizes) >= 1,
            f'{config.model}.hidden_sizes', tuple(family.hidden_sizes),
@@ -119,6 +140,20 @@ def validate(config):
              family.num_residual_layers, 'use an integer >= 0')
     _require(family.commitment_cost >= 0, 'vq.commitment_cost', family.commitment_cost,
              'use a number >= 0')
+
+
+def _validate_balancing(config):
+  _one_of(config, 'loss.balancing', tuple(balancing.UPDATES))
+  softadapt = config.loss.softadapt
+  _one_of(config, 'loss.softadapt.variant', tuple(balancing.VARIANTS))
+  names = balancing.term_names(config.model, config.method)
+  terms = tuple(softadapt.terms)
+  _require(set(terms) <= set(names) and len(set(terms)) == len(terms), 'loss.softadapt.terms',
+           terms, f'use a tuple of distinct terms of model={config.model}, method={config.method} '
+           f'from {", ".join(names)}, e.g. "(\'{names[0]}\',\'{names[-1]}\')", or () for all')
+  for key in ('update_every', 'window'):
+    _require(softadapt[key] >= 1, f'loss.softadapt.{key}', softadapt[key], 'use an integer >= 1')
+  _require(softadapt.total > 0, 'loss.softadapt.total', softadapt.total, 'use a number > 0')
 
 
 def validate_for_data(config, splits):

@@ -2,15 +2,19 @@
 
 Work directory layout:
   config.json     the resolved config
-  history.jsonl   one line per epoch: train/ and val/ metrics, seconds, images/s
-  checkpoints/best/  orbax checkpoint of the best epoch by validation loss
+  history.jsonl   one line per epoch: train/ and val/ metrics, weights/, seconds, images/s
+  events.out.tfevents.*  the same scalars and an image grid now and then, for TensorBoard
+  checkpoints/best/    orbax checkpoint of the best epoch by validation loss
+  checkpoints/latest/  the last few full training states, for resuming
   metrics.json    test metrics of the best checkpoint
 """
 import functools
 import json
 import pathlib
 import shutil
+import signal
 import sys
+import threading
 import time
 from typing import Any, NamedTuple
 
@@ -21,23 +25,27 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import tqdm
 
+from mtvae_jax import balancing
+from mtvae_jax import checkpoints
 from mtvae_jax import config as config_lib
 from mtvae_jax import data
+from mtvae_jax import events
 from mtvae_jax import losses
 from mtvae_jax import masks
 from mtvae_jax import models
+from mtvae_jax.data import pipeline
 from mtvae_jax.errors import UserError
 
 
 class TrainState(train_state.TrainState):
   batch_stats: Any
+  balancing: balancing.State
 
 
 def create_train_state(config, model, image_shape, key):
-  """Parameters and batch-norm statistics from `key`, with AdamW.
+  """Parameters, batch-norm statistics and loss-balancing state from `key`, with AdamW.
 
   Built inside jit so that every leaf (the step counter included) is a
   device array of fixed dtype and the train step compiles once.
@@ -52,7 +60,8 @@ def create_train_state(config, model, image_shape, key):
     init_key, z_key = jax.random.split(key)
     variables = model.init(init_key, images, conds, z_key, train=False)
     return TrainState.create(apply_fn=model.apply, params=variables['params'],
-                             batch_stats=variables.get('batch_stats', {}), tx=tx)
+                             batch_stats=variables.get('batch_stats', {}), tx=tx,
+                             balancing=balancing.init(config))
 
   return jax.jit(init)(key)
 
@@ -86,21 +95,52 @@ def loss_terms(state, params, images, conds, key, train):
 
 
 def train_step(state, images, base_key, *, config):
-  """One AdamW step on a batch (B, H, W, C); masks are drawn fresh per image."""
+  """One AdamW step on a batch (B, H, W, C); masks are drawn fresh per image.
+
+  The loss weights are those in state.balancing, which the step then updates.
+  """
   key = jax.random.fold_in(base_key, state.step)
   mask_key, z_key = jax.random.split(key)
   conds = train_conds(config, images, mask_key)
-  weights = dict(config.loss.weights)
 
   def loss_fn(params):
     terms, batch_stats = loss_terms(state, params, images, conds, z_key, train=True)
     means = {name: jnp.mean(value) for name, value in terms.items()}
-    loss = losses.weighted_sum(means, weights)
+    loss = losses.weighted_sum(means, state.balancing.weights)
     return loss, (means, batch_stats)
 
   (loss, (means, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+  state = state.apply_gradients(grads=grads, batch_stats=batch_stats,
+                                balancing=balancing.update(state.balancing, means, config))
   return state, dict(_metric_names(means), loss=loss)
+
+
+def guarded_step(state, sums, health, images, base_key, *, config):
+  """`train_step` that keeps non-finite updates out, and adds the batch's metrics to `sums`.
+
+  sums: {metric: ()} running sums plus 'steps', the batches summed.
+  health: {'bad_step': first step whose loss or new parameters were not
+  finite (-1: none), 'bad_term': index of its first non-finite metric in
+  sorted order (the metric count: the parameters), 'skipped': batches left out}.
+  With train.on_nonfinite='stop' the state stays at the last good step from
+  the first failure on; with 'skip' each failing batch is left out.
+  """
+  new_state, metrics = train_step(state, images, base_key, config=config)
+  finite = jnp.stack([jnp.isfinite(metrics[name]) for name in sorted(metrics)]
+                     + [jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(new_state.params)])
+  ok = jnp.all(finite)
+  first = health['bad_step'] < 0
+  apply = ok & first if config.train.on_nonfinite == 'stop' else ok
+  state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state)
+  state = state.replace(step=new_state.step)
+  sums = jax.tree.map(lambda total, value: total + jnp.where(ok, value, 0), sums,
+                      dict(metrics, steps=jnp.ones((), jnp.float32)))
+  record = ~ok & first
+  health = {'bad_step': jnp.where(record, new_state.step - 1, health['bad_step']),
+            'bad_term': jnp.where(record, jnp.minimum(jnp.argmin(finite), len(metrics)),
+                                  health['bad_term']),
+            'skipped': health['skipped'] + (~ok).astype(jnp.int32)}
+  return state, sums, health
 
 
 def eval_step(state, images, weights, key, *, config):
@@ -116,39 +156,60 @@ def _metric_names(terms):
   return {name if name == 'loss' else f'{name}_loss': value for name, value in terms.items()}
 
 
-def evaluate(eval_fn, state, images, batch_size, key):
-  """Metrics averaged over all `images`; the last batch is padded to keep one shape."""
+def padded_batches(array, batch_size, num_workers=0):
+  """(batch, weights (B,)) pairs: all rows of `array` in order, in batches of one shape.
+
+  `array` has any rank, or is a data.pipeline.Source (streamed by num_workers
+  processes). The last batch is padded with row 0; weights are 1 for real
+  rows, 0 for padding.
+  """
+  rows, weights = pipeline.eval_order(len(array), batch_size)
+  return zip(pipeline.batches(array, rows, num_workers), weights)
+
+
+def evaluate(eval_fn, state, images, batch_size, key, num_workers=0):
+  """Metrics averaged over all `images` (any rank, or a Source), in padded batches of one shape."""
   sums = None
-  for index, start in enumerate(range(0, len(images), batch_size)):
-    batch = images[start:start + batch_size]
-    weights = np.zeros(batch_size, np.float32)
-    weights[:len(batch)] = 1.0
-    batch = np.pad(batch, ((0, batch_size - len(batch)), (0, 0), (0, 0), (0, 0)))
+  for index, (batch, weights) in enumerate(padded_batches(images, batch_size, num_workers)):
     out = eval_fn(state, batch, weights, jax.random.fold_in(key, index))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
   return {name: float(value) / len(images) for name, value in jax.device_get(sums).items()}
 
 
-def prepare_workdir(config, workdir):
-  """Refuses a directory holding another config's run; returns finished metrics or None."""
+def finished_run(config, workdir):
+  """Metrics of a finished run of `config` in `workdir`, or None; refuses another config's run."""
   workdir = pathlib.Path(workdir)
-  config_json = config.to_json_best_effort(sort_keys=True, indent=2)
-  if (workdir / 'config.json').exists():
-    previous = json.loads((workdir / 'config.json').read_text())
-    if previous != json.loads(config_json):
-      changed = sorted(k for k in _flatten(previous).keys() | _flatten(json.loads(config_json)).keys()
-                       if _flatten(previous).get(k) != _flatten(json.loads(config_json)).get(k))
-      raise UserError(f"workdir '{workdir}' holds a run of another config (differs at "
-                      f"{', '.join(changed)}): choose another --workdir")
-    if (workdir / 'metrics.json').exists():
-      return json.loads((workdir / 'metrics.json').read_text())
+  if not (workdir / 'config.json').exists():
+    return None
+  previous = _flatten(json.loads((workdir / 'config.json').read_text()))
+  current = _flatten(json.loads(config.to_json_best_effort()))
+  changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
+  if changed:
+    raise UserError(f"workdir '{workdir}' holds a run of another config (differs at "
+                    f"{', '.join(changed)}): choose another --workdir")
+  if (workdir / 'metrics.json').exists():
+    return json.loads((workdir / 'metrics.json').read_text())
+  return None
+
+
+def init_workdir(config, workdir, resume=False, needed_bytes=0):
+  """Creates `workdir` with config.json, or says in one line why it cannot be written.
+
+  Earlier checkpoints are removed unless `resume`. Fails up front when the
+  disk has less than `needed_bytes` free.
+  """
+  workdir = pathlib.Path(workdir)
   try:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / 'config.json').write_text(config_json)
+    (workdir / 'config.json').write_text(config.to_json_best_effort(sort_keys=True, indent=2))
   except OSError as e:
     raise UserError(f"workdir '{workdir}' is not writable: {e.strerror}") from None
-  shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
-  return None
+  free = shutil.disk_usage(workdir).free
+  if free < needed_bytes:
+    raise UserError(f"workdir '{workdir}' has {free / 2**20:.0f} MiB free, its checkpoints need "
+                    f'about {needed_bytes / 2**20:.0f} MiB: free some space or choose another')
+  if not resume:
+    shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
 
 
 def _flatten(tree, prefix=''):
@@ -182,86 +243,170 @@ def setup(config) -> Run:
   return Run(config, splits, model, state, train_key, eval_key)
 
 
-def _best_checkpoints(workdir):
-  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / 'checkpoints' / 'best',
-                               options=ocp.CheckpointManagerOptions(max_to_keep=1))
-
-
-def _restore(manager, state, step):
-  restored = manager.restore(step, args=ocp.args.StandardRestore(
-      {'params': state.params, 'batch_stats': state.batch_stats}))
-  return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
+def load_config(workdir):
+  """The config of the finished run in `workdir`."""
+  workdir = pathlib.Path(workdir)
+  if not (workdir / 'metrics.json').exists():
+    raise UserError(f"workdir '{workdir}' holds no finished run (no metrics.json): train it first")
+  return ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
 
 
 def load_run(workdir) -> Run:
   """A finished run of `workdir`, its state restored from the best checkpoint."""
-  workdir = pathlib.Path(workdir)
-  if not (workdir / 'metrics.json').exists():
-    raise UserError(f"workdir '{workdir}' holds no finished run (no metrics.json): train it first")
-  config = ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
-  run = setup(config)
-  manager = _best_checkpoints(workdir)
-  return run._replace(state=_restore(manager, run.state, manager.latest_step()))
+  run = setup(load_config(workdir))
+  best, _ = checkpoints.managers(workdir, keep_latest=1)
+  return run._replace(state=checkpoints.restore_best(best, run.state))
+
+
+class _StopSignal:
+  """Records SIGTERM/SIGINT instead of dying, so the loop can checkpoint first."""
+
+  def __init__(self):
+    self.received = None
+
+  def __enter__(self):
+    self._previous = {}
+    if threading.current_thread() is threading.main_thread():  # signals reach the main thread only
+      self._previous = {sig: signal.signal(sig, self._handle)
+                        for sig in (signal.SIGTERM, signal.SIGINT)}
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def _check_health(health, metric_names, workdir, config):
+  """Raises UserError naming the step and term of the first non-finite loss ('stop' mode)."""
+  health = jax.device_get(health)
+  if config.train.on_nonfinite == 'stop' and health['bad_step'] >= 0:
+    term = (metric_names + ['parameters'])[int(health['bad_term'])]
+    raise UserError(f'non-finite {term} at step {int(health["bad_step"])}: training stopped, the '
+                    f'last good checkpoints are kept in {workdir}/checkpoints; lower '
+                    'train.learning_rate, or set train.on_nonfinite=skip to leave such batches out')
+  return health
+
+
+def _history(path, first_epoch):
+  """history.jsonl opened for appending, without lines of epochs >= first_epoch (redone)."""
+  kept = []
+  if path.exists():
+    kept = [line for line in path.read_text().splitlines()
+            if line and json.loads(line)['epoch'] < first_epoch]
+  path.write_text(''.join(line + '\n' for line in kept))
+  return open(path, 'a')
 
 
 def train_and_evaluate(config, workdir) -> dict:
   """Trains config's model, keeps the best epoch by validation loss, returns its test metrics.
 
   Writes config.json, history.jsonl, checkpoints/ and metrics.json into `workdir`.
-  Raises UserError for a bad config, bad data or a workdir of another config.
+  Rerunning on the workdir of an unfinished run of the same config resumes it
+  from its latest checkpoint and ends with the same metrics as an
+  uninterrupted run. Raises UserError for a bad config, bad data, a workdir
+  of another config, a non-finite loss ('stop' mode) or SIGTERM/SIGINT (after
+  checkpointing).
   """
   config_lib.validate(config)
-  finished = prepare_workdir(config, workdir)
+  finished = finished_run(config, workdir)
   if finished is not None:
     print(f'{workdir} holds a finished run of this config; its metrics.json is kept.')
     return finished
-  workdir = pathlib.Path(workdir).absolute()
-  run = setup(config)
+  resume = (pathlib.Path(workdir) / 'config.json').exists()
+  run = setup(config)  # loads the data and checks the keys that depend on it
   splits, state = run.splits, run.state
+  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+  init_workdir(config, workdir, resume, needed_bytes=state_bytes * (config.train.keep_checkpoints + 2))
+  workdir = pathlib.Path(workdir).absolute()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.model} VAE, method {config.method}: {num_params:,} parameters; data '
         f'{config.data.name} {splits.train.shape[1:]}: {len(splits.train)} train, '
         f'{len(splits.validation)} validation, {len(splits.test)} test images')
 
-  train_fn = jax.jit(functools.partial(train_step, config=config), donate_argnums=0)
+  train_fn = jax.jit(functools.partial(guarded_step, config=config), donate_argnums=(0, 1, 2))
   eval_fn = jax.jit(functools.partial(eval_step, config=config))
   batch_size = config.train.batch_size
   steps_per_epoch = len(splits.train) // batch_size
-  train_images = jax.device_put(splits.train)
-  checkpoints = _best_checkpoints(workdir)
+  train_images = pipeline.to_device(splits.train)
+  best_checkpoints, latest_checkpoints = checkpoints.managers(workdir, config.train.keep_checkpoints)
 
-  best_loss, best_epoch = np.inf, 0
-  with open(workdir / 'history.jsonl', 'w') as history:
-    for epoch in range(1, config.train.num_epochs + 1):
+  _, metric_shapes = jax.eval_shape(functools.partial(train_step, config=config),
+                                    state, jax.ShapeDtypeStruct((batch_size, *splits.train.shape[1:]),
+                                                                jnp.float32), run.train_key)
+  metric_names = sorted(metric_shapes)
+  zero_sums = lambda: {name: jnp.zeros((), jnp.float32) for name in [*metric_names, 'steps']}
+  sums = zero_sums()
+  health = {'bad_step': jnp.array(-1), 'bad_term': jnp.array(-1), 'skipped': jnp.array(0)}
+  position = {'epoch': 1, 'step': 0, 'best_loss': float('inf'), 'best_epoch': 0}
+  restored = resume and checkpoints.restore_latest(
+      latest_checkpoints, {'state': state, 'sums': sums, 'health': health})
+  if restored:
+    (tree, position) = restored
+    state, sums, health = tree['state'], tree['sums'], tree['health']
+    print(f'resuming at epoch {position["epoch"]}, step {position["step"]}')
+
+  def save_latest(epoch, step):
+    _check_health(health, metric_names, workdir, config)
+    checkpoints.save_latest(
+        latest_checkpoints, (epoch - 1) * steps_per_epoch + step,
+        {'state': state, 'sums': sums, 'health': health},
+        dict(position, epoch=epoch, step=step))
+
+  every = config.train.checkpoint_every_steps
+  with _history(workdir / 'history.jsonl', position['epoch']) as history, _StopSignal() as stop, \
+      events.EventWriter(workdir, functools.partial(eval_conds, config), splits.validation,
+                         run.eval_key, first_epoch=position['epoch']) as writer:
+    for epoch in range(position['epoch'], config.train.num_epochs + 1):
       start = time.perf_counter()
-      order = np.random.default_rng([config.seed, epoch]).permutation(len(splits.train))
-      step_metrics = []
-      for step in tqdm.trange(steps_per_epoch, desc=f'epoch {epoch}', leave=False,
-                              disable=None, file=sys.stderr):
-        batch = train_images[order[step * batch_size:(step + 1) * batch_size]]
-        state, metrics = train_fn(state, batch, run.train_key)
-        step_metrics.append(metrics)
-      train_metrics = jax.device_get(jax.tree.map(lambda *x: jnp.mean(jnp.stack(x)), *step_metrics))
+      first_step = position['step'] if epoch == position['epoch'] else 0
+      order = pipeline.epoch_order(config.seed, epoch, len(splits.train), batch_size)[first_step:]
+      batches = pipeline.batches(train_images, order, config.data.num_workers)
+      for step, batch in enumerate(tqdm.tqdm(batches, total=len(order), desc=f'epoch {epoch}',
+                                             leave=False, disable=None, file=sys.stderr),
+                                   start=first_step + 1):
+        state, sums, health = train_fn(state, sums, health, batch, run.train_key)
+        due = every and step < steps_per_epoch and ((epoch - 1) * steps_per_epoch + step) % every == 0
+        if stop.received or due:
+          save_latest(epoch, step)
+        if stop.received:
+          latest_checkpoints.wait_until_finished()
+          raise UserError(f'stopped by {stop.received} at epoch {epoch}, step {step}: the state is '
+                          f'checkpointed in {workdir}/checkpoints; rerun the same command to resume')
+      health = _check_health(health, metric_names, workdir, config)
+      totals = jax.device_get(sums)
+      train_metrics = {name: totals[name] / max(totals['steps'], 1) for name in metric_names}
       seconds = time.perf_counter() - start
-      val_metrics = evaluate(eval_fn, state, splits.validation, batch_size, run.eval_key)
+      val_metrics = evaluate(eval_fn, state, splits.validation, batch_size, run.eval_key,
+                             config.data.num_workers)
+      weights = {k: float(v) for k, v in jax.device_get(state.balancing.weights).items()}
       record = {'epoch': epoch,
                 **{f'train/{k}': float(v) for k, v in train_metrics.items()},
                 **{f'val/{k}': v for k, v in val_metrics.items()},
-                'seconds': seconds, 'images_per_s': steps_per_epoch * batch_size / seconds}
+                **{f'weights/{k}': v for k, v in weights.items()},
+                'skipped_steps': int(health['skipped']),
+                'seconds': seconds, 'images_per_s': len(order) * batch_size / seconds}
       history.write(json.dumps(record) + '\n')
       history.flush()
-      if val_metrics['loss'] < best_loss:
-        best_loss, best_epoch = val_metrics['loss'], epoch
-        checkpoints.save(epoch, args=ocp.args.StandardSave(
-            {'params': state.params, 'batch_stats': state.batch_stats}))
+      writer.write(record, state)
+      if val_metrics['loss'] < position['best_loss']:
+        position.update(best_loss=val_metrics['loss'], best_epoch=epoch)
+        checkpoints.save_best(best_checkpoints, epoch, state)
+      sums = zero_sums()
+      save_latest(epoch + 1, 0)
       print(f'epoch {epoch}: train {_format(train_metrics)} | val {_format(val_metrics)} | '
-            f'{record["images_per_s"]:.0f} images/s', flush=True)
+            f'weights {_format(weights)} | {record["images_per_s"]:.0f} images/s', flush=True)
 
-  checkpoints.wait_until_finished()
-  state = _restore(checkpoints, state, best_epoch)
-  test_metrics = evaluate(eval_fn, state, splits.test, batch_size, run.eval_key)
-  result = dict(test_metrics, best_epoch=best_epoch, best_val_loss=best_loss,
-                num_params=int(num_params))
+  best_checkpoints.wait_until_finished()
+  latest_checkpoints.wait_until_finished()
+  state = checkpoints.restore_best(best_checkpoints, state, position['best_epoch'])
+  test_metrics = evaluate(eval_fn, state, splits.test, batch_size, run.eval_key,
+                         config.data.num_workers)
+  result = dict(test_metrics, best_epoch=position['best_epoch'],
+                best_val_loss=position['best_loss'], num_params=int(num_params))
   (workdir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
-  print(f'test (best epoch {best_epoch}): {_format(test_metrics)}')
+  print(f'test (best epoch {position["best_epoch"]}): {_format(test_metrics)}')
   return result

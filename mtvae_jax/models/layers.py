@@ -4,12 +4,16 @@ Paddings follow the PyTorch layers of the thesis's code base: a 3x3 or 4x4
 stride-2 convolution with padding 1 halves an even side, and `up` doubles it
 like ConvTranspose2d(k, stride=2, padding=1, output_padding=k % 2).
 """
+import functools
 import math
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 LEAKY_SLOPE = 0.01
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
 def leaky_relu(x):
@@ -28,9 +32,67 @@ def down(features, kernel):
 
 def up(features, kernel):
   """Stride-2 transposed convolution: (B, h, w, c) -> (B, 2h, 2w, features)."""
-  # lax.conv_transpose padding equivalent to torch padding=1, output_padding=k%2.
-  pad = (kernel - 2, kernel - 1 - 1 + kernel % 2)
-  return nn.ConvTranspose(features, (kernel, kernel), strides=(2, 2), padding=(pad, pad))
+  return ConvTranspose(features, kernel)
+
+
+def up_padding(kernel):
+  """lax.conv_transpose padding of `up`: torch's padding=1, output_padding=kernel % 2."""
+  return kernel - 2, kernel - 2 + kernel % 2
+
+
+@functools.lru_cache(maxsize=None)
+def _up_phases(kernel):
+  """Per output phase r in (0, 1), the taps of `up` along one axis, as (input offsets, taps).
+
+  Output 2a + r of the transposed convolution (lhs-dilated input, padding
+  up_padding(kernel)) sums x[a + d] * K[t] over t = 2d - r + padding_low.
+  """
+  low = up_padding(kernel)[0]
+  phases = []
+  for r in (0, 1):
+    taps = [t for t in range(kernel) if (t + r - low) % 2 == 0]
+    phases.append((tuple((t + r - low) // 2 for t in taps), np.array(taps)))
+  return tuple(phases)
+
+
+def conv_transpose_by_phases(x, kernel):
+  """`up`'s transposed convolution as four stride-1 convolutions, one per output phase.
+
+  x: (B, h, w, c), kernel: (k, k, c, f) as nn.ConvTranspose holds it -> (B, 2h, 2w, f).
+  Each phase (r, s) of the output grid is a plain convolution of x with the
+  taps of K that land on it, so no multiply touches the zeros that
+  lhs dilation would insert; the phases are then interleaved (depth to space).
+  """
+  batch, height, width, _ = x.shape
+  phases = _up_phases(kernel.shape[0])
+  rows = []
+  for dy, ty in phases:
+    cols = []
+    for dx, tx in phases:
+      padding = ((-dy[0], dy[-1]), (-dx[0], dx[-1]))
+      cols.append(jax.lax.conv_general_dilated(
+          x, kernel[ty][:, tx], (1, 1), padding, dimension_numbers=_NHWC))
+    rows.append(jnp.stack(cols, axis=3))
+  return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
+
+
+class ConvTranspose(nn.Module):
+  """nn.ConvTranspose(features, (k, k), strides=2, padding=up_padding(k)), computed by phases.
+
+  The same parameters (kernel (k, k, c, features), bias) and initialisers as
+  nn.ConvTranspose, and the same class name, so parameter paths stay
+  ConvTranspose_<i>. XLA's CPU backend runs lhs-dilated convolutions and
+  their gradients an order of magnitude slower than plain ones.
+  """
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return conv_transpose_by_phases(x, kernel) + bias
 
 
 class ResidualLayer(nn.Module):

@@ -102,3 +102,11 @@ class VQVAE(base.MultitaskAutoencoder):
     z_q_st, z_q, _ = self.quantizer(z_e)
     codebook, commitment = losses.vq_terms(z_e, z_q, self.commitment_cost)
     return z_q_st, {'vq': codebook + commitment}
+
+  def codes(self, x):
+    """(B, H, W, C) images -> (B, h, w) int32 codebook indices (batch norm in inference mode)."""
+    return self.quantizer.codes(self.encoder(layers.pad_to(x, *self.padded), train=False))
+
+  def lookup(self, codes):
+    """(B, h, w) codebook indices -> z_q (B, h, w, D), the decoders' input."""
+    return self.quantizer.lookup(codes)

@@ -1,0 +1,123 @@
+"""k-fold cross-validation and the thesis's results table (its 4.3).
+
+`cross_validate` trains fold i of k in <workdir>/fold_<i> (data.num_folds=k,
+data.fold=i; the test split is the same for every fold), keeps every fold
+that has already finished, and writes:
+  crossval.json  the config, the table's description of it, each fold's
+                 metrics.json and their mean and standard deviation
+  crossval.md    the table row: mean ± std over folds of the test metrics
+Each fold's metrics are those of its best checkpoint on the common test split;
+the held-out fold itself chose that checkpoint, so its loss would be biased low.
+"""
+import json
+import pathlib
+
+import numpy as np
+
+from mtvae_jax import config as config_lib
+from mtvae_jax import models
+from mtvae_jax import train
+from mtvae_jax.errors import UserError
+
+SUMMARY = 'crossval.json'
+TABLE = 'crossval.md'
+MODEL_NAMES = {'gaussian': 'Gaussian VAE', 'vq': 'VQ-VAE'}
+METHOD_NAMES = {'none': '-', 'multi': 'Multi decoder', 'single': 'Single decoder'}
+COLUMNS = ('Model', 'Config.', 'Method', 'Parameters', 'Size', 'Reconstruction loss',
+           'Conditioned reconstruction loss', 'KL or VQ loss', 'Folds')
+
+
+def aggregate(folds):
+  """{'mean': {metric: float}, 'std': {...}} over the metrics every fold has.
+
+  The standard deviation is the sample one (ddof=1), as for error bars over
+  a few folds.
+  """
+  names = sorted(set.intersection(*(set(fold) for fold in folds)))
+  values = {name: np.array([fold[name] for fold in folds], np.float64) for name in names}
+  return {'mean': {name: float(np.mean(v)) for name, v in values.items()},
+          'std': {name: float(np.std(v, ddof=1)) for name, v in values.items()}}
+
+
+def configuration(config):
+  """The thesis's configuration number, or 'custom' where the network was changed."""
+  family = config[config.model]
+  preset = config_lib.PRESETS[config.model].get(config.preset, {})
+  same = all(np.array_equal(family[key], value) for key, value in preset.items())
+  return str(config.preset) if preset and same else 'custom'
+
+
+def parameters(config):
+  """The 'Parameters' column: loss balancing and how the conditioning pixels are drawn."""
+  if config.method == 'none':
+    words = []
+  elif config.mask.count == 'fixed':
+    words = [config.mask.sampling, f'k={config.mask.num_pixels}']
+  else:
+    words = [config.mask.sampling, f'power law a={config.mask.power_law_exponent:g}']
+  if config.loss.get('balancing') == 'softadapt':
+    words.insert(0, 'SoftAdapt')
+  return ', '.join(words) or '-'
+
+
+def describe(config):
+  """The table's first columns for `config`."""
+  return {'model': MODEL_NAMES[config.model], 'configuration': configuration(config),
+          'method': METHOD_NAMES[config.method], 'parameters': parameters(config),
+          'regularizer': models.REGULARIZER[config.model]}
+
+
+def summarize(config, folds):
+  """The content of crossval.json for `config` and the metrics of its folds."""
+  return {'config': json.loads(config.to_json_best_effort()), 'description': describe(config),
+          'folds': list(folds), **aggregate(folds)}
+
+
+def mean_std(summary, name):
+  """'mean ± std' of metric `name`, or '-' when the runs do not have it."""
+  if name not in summary['mean']:
+    return '-'
+  return f"{summary['mean'][name]:.4g} ± {summary['std'][name]:.1e}"
+
+
+def table_row(summary):
+  description = summary['description']
+  return (description['model'], description['configuration'], description['method'],
+          description['parameters'], f"{summary['mean']['num_params']:,.0f}",
+          mean_std(summary, 'recon_loss'), mean_std(summary, 'recon_cond_loss'),
+          mean_std(summary, f"{description['regularizer']}_loss"), str(len(summary['folds'])))
+
+
+def markdown_table(summaries):
+  """A markdown table with one row per cross-validation summary."""
+  lines = ['| ' + ' | '.join(COLUMNS) + ' |', '|' + ' --- |' * len(COLUMNS)]
+  lines += ['| ' + ' | '.join(table_row(summary)) + ' |' for summary in summaries]
+  return '\n'.join(lines) + '\n'
+
+
+def load_summary(directory):
+  """The crossval.json of `directory`."""
+  path = pathlib.Path(directory) / SUMMARY
+  if not path.is_file():
+    raise UserError(f"'{directory}' holds no {SUMMARY}: run python -m experiments.crossval "
+                    f'--config=<config> --workdir={directory} first')
+  return json.loads(path.read_text())
+
+
+def cross_validate(config, workdir, num_folds):
+  """Trains the unfinished folds, writes crossval.json and crossval.md; returns the summary."""
+  if num_folds < 2:
+    raise UserError(f'--folds={num_folds} is not allowed: use an integer >= 2')
+  workdir = pathlib.Path(workdir)
+  config = config.copy_and_resolve_references()
+  config.data.num_folds = num_folds
+  folds = []
+  for index in range(num_folds):
+    fold_config = config.copy_and_resolve_references()
+    fold_config.data.fold = index
+    print(f'fold {index + 1} of {num_folds}', flush=True)
+    folds.append(train.train_and_evaluate(fold_config, workdir / f'fold_{index}'))
+  summary = summarize(config, folds)
+  (workdir / SUMMARY).write_text(json.dumps(summary, indent=2) + '\n')
+  (workdir / TABLE).write_text(markdown_table([summary]))
+  return summary

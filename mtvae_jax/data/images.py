@@ -1,0 +1,99 @@
+"""A folder of PNG/JPEG images (data.name=images), e.g. CelebA's img_align_celeba.
+
+Every file under data.path (hidden ones aside) must be an 8-bit grayscale or
+RGB PNG/JPEG. Subfolders `train/` and `test/` give the official split;
+otherwise the test split is cut off by data.test_fraction. Each image is
+centre-cropped to data.crop_size x data.crop_size (0: no crop), then resized
+to data.image_size x data.image_size (0: no resize); all must end up the same
+size. The files are checked up front (headers only) and decoded on demand.
+"""
+import functools
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+from mtvae_jax.data import pipeline
+from mtvae_jax.data import splits
+from mtvae_jax.errors import UserError
+
+FORMATS = ('PNG', 'JPEG')
+CHANNELS = {'L': 1, 'RGB': 3}
+
+
+def crop_and_resize(image, crop, size):
+  """A PIL image centre-cropped to crop x crop (0: none), then resized to size x size (0: none)."""
+  if crop:
+    left, top = (image.width - crop) // 2, (image.height - crop) // 2
+    image = image.crop((left, top, left + crop, top + crop))
+  if size:
+    image = image.resize((size, size), Image.Resampling.BILINEAR)
+  return image
+
+
+def to_array(image, channels):
+  """A PIL image -> uint8 (H, W, channels)."""
+  return np.asarray(image, np.uint8).reshape(image.height, image.width, channels)
+
+
+def decode(path, crop, size):
+  """An image file -> uint8 (H, W, C), cropped and resized."""
+  with Image.open(path) as image:
+    return to_array(crop_and_resize(image, crop, size), CHANNELS[image.mode])
+
+
+def _output_shape(path, crop, size):
+  """(H, W, C) that `decode` gives for `path`, from its header; UserError if it is no usable image."""
+  try:
+    with Image.open(path) as image:
+      kind, mode, (width, height) = image.format, image.mode, image.size
+  except (OSError, ValueError):
+    raise UserError(f'data file {path} is not a PNG or JPEG image') from None
+  if kind not in FORMATS:
+    raise UserError(f'data file {path} is a {kind} image: use PNG or JPEG files')
+  if mode not in CHANNELS:
+    raise UserError(f'data file {path} has pixel type {mode}: use 8-bit grayscale (L) or RGB images')
+  if crop > min(width, height):
+    raise UserError(f'data file {path} is {width}x{height}, smaller than data.crop_size={crop}')
+  side = size or crop
+  return (side or height, side or width, CHANNELS[mode])
+
+
+def source(files, crop, size):
+  """A pipeline.Source over image files, all checked to decode to one shape."""
+  shape = _output_shape(files[0], crop, size)
+  for path in files[1:]:
+    other = _output_shape(path, crop, size)
+    if other != shape:
+      raise UserError(f'data file {path} gives a {other} image, {files[0]} a {shape} one: '
+                      'use images of one size and type, or set data.crop_size / data.image_size')
+  return pipeline.Source([str(p) for p in files], functools.partial(decode, crop=crop, size=size),
+                         shape)
+
+
+def _files(folder):
+  files = sorted(p for p in folder.rglob('*')
+                 if p.is_file() and not any(part.startswith('.') for part in p.relative_to(folder).parts))
+  if not files:
+    raise UserError(f"data.path='{folder}' holds no image files")
+  return files
+
+
+def load_folder(data_config, seed, crop, size):
+  """Splits of the images under data_config.path (Sources), cropped and resized."""
+  folder = pathlib.Path(data_config.path)
+  if not data_config.path or not folder.is_dir():
+    raise UserError(f"data.path='{data_config.path}' is not a folder: data.name="
+                    f'{data_config.name} needs a folder of PNG/JPEG images')
+  if (folder / 'train').is_dir() and (folder / 'test').is_dir():
+    train, test = (source(_files(folder / name), crop, size) for name in ('train', 'test'))
+    if train.shape[1:] != test.shape[1:]:
+      raise UserError(f"data.path='{folder}': train/ gives {train.shape[1:]} images, test/ "
+                      f'{test.shape[1:]}: use one size, or set data.crop_size / data.image_size')
+    return splits.split(train, test, data_config, seed)
+  return splits.split(source(_files(folder), crop, size), None, data_config, seed)
+
+
+def load(data_config, seed):
+  """data.name=images: crop and size from data.crop_size and data.image_size."""
+  return load_folder(data_config, seed, data_config.crop_size, data_config.image_size)

@@ -1,0 +1,117 @@
+"""Figures as PNG, and the image grids that TensorBoard shows too.
+
+Plots use matplotlib's object-oriented API (`Figure` rendered by Agg), so
+importing this module never changes the pyplot backend of a notebook.
+"""
+from typing import NamedTuple
+
+import jax
+from matplotlib import ticker
+from matplotlib.figure import Figure
+import numpy as np
+
+DECODER_TITLES = {'recon': 'p(x | z)', 'recon_cond': 'p(x | z, m)'}
+UNOBSERVED = 0.5  # grey for the pixels a mask hides
+
+
+class Column(NamedTuple):
+  """One column of an image grid: images (N, H, W, C) drawn with `cmap` on [0, vmax]."""
+  title: str
+  images: np.ndarray
+  cmap: str = 'gray'
+  vmax: float = 1.0
+
+
+def variables(state):
+  return {'params': state.params, 'batch_stats': state.batch_stats}
+
+
+def reconstruct(state, images, key, *, conds_fn):
+  """Evaluation-mode reconstructions: (conds, {term: (B, H, W, C)}) for conds_fn(images, key)."""
+  mask_key, z_key = jax.random.split(key)
+  conds = conds_fn(images, mask_key)
+  outputs, _ = state.apply_fn(variables(state), images, conds, z_key, train=False)
+  return conds, outputs
+
+
+def observed(images, mask):
+  """The observed pixels of `images` (N, H, W, C), the others grey."""
+  return np.where(np.asarray(mask) > 0, images, UNOBSERVED)
+
+
+def reconstruction_columns(images, conds, outputs):
+  """original | mask | decoder 1 | decoder 2, for the decoders the model has."""
+  columns = [Column('original', np.asarray(images))]
+  if conds.get('recon_cond') is not None:
+    columns.append(Column('mask', observed(images, conds['recon_cond'][..., :1])))
+  columns += [Column(title, np.asarray(outputs[name]))
+              for name, title in DECODER_TITLES.items() if name in outputs]
+  return columns
+
+
+def tile(columns, gap=1):
+  """The columns side by side as one (N * (H + gap) - gap, K * (W + gap) - gap, C) image."""
+  first = columns[0].images
+  rows, height, width, channels = first.shape
+  grid = np.ones((rows * (height + gap) - gap, len(columns) * (width + gap) - gap, channels),
+                 np.float32)
+  for j, column in enumerate(columns):
+    for i, image in enumerate(np.clip(column.images / column.vmax, 0.0, 1.0)):
+      top, left = i * (height + gap), j * (width + gap)
+      grid[top:top + height, left:left + width] = image
+  return grid
+
+
+def save_image_grid(path, columns, row_titles=()):
+  """One image per cell, a title over each column (and left of each row), as PNG to `path`."""
+  rows = len(columns[0].images)
+  fig = Figure(figsize=(1.3 * len(columns), 1.3 * rows + 0.3), layout='constrained')
+  axes = fig.subplots(rows, len(columns), squeeze=False)
+  for j, column in enumerate(columns):
+    axes[0, j].set_title(column.title, fontsize=9)
+    for i in range(rows):
+      image = column.images[i]
+      axes[i, j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap=column.cmap,
+                        vmin=0.0, vmax=column.vmax, interpolation='nearest')
+      axes[i, j].set_axis_off()
+  for ax, title in zip(axes[:, 0], row_titles):
+    ax.text(-0.1, 0.5, title, rotation=90, ha='right', va='center', fontsize=9,
+            transform=ax.transAxes)
+  fig.savefig(path, dpi=100)
+
+
+def save_loss_curves(path, histories, regularizer):
+  """Validation losses per epoch of each run in `histories` {label: [record, ...]}.
+
+  Left: the KL or VQ term; right: the reconstruction loss of decoder 1 (the
+  thesis's figures 4.2 and 4.4-4.6).
+  """
+  fig = Figure(figsize=(10, 3.5), layout='constrained')
+  axes = fig.subplots(1, 2)
+  for ax, metric, title in ((axes[0], f'val/{regularizer}_loss', f'{regularizer.upper()} loss'),
+                            (axes[1], 'val/recon_loss', 'reconstruction loss, decoder 1')):
+    for label, history in histories.items():
+      ax.plot([r['epoch'] for r in history], [r[metric] for r in history], label=label)
+    ax.set(title=f'validation {title}', xlabel='epoch', yscale='log')
+    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
+    ax.legend()
+  fig.savefig(path, dpi=100)
+
+
+def save_sparse_curve(path, curve):
+  """Test reconstruction error against observed pixels, one line per sampling type."""
+  fig = Figure(figsize=(6, 4), layout='constrained')
+  ax = fig.subplots()
+  for sampling, errors in curve['errors'].items():
+    ax.plot(curve['num_pixels'], errors, marker='o', label=f'{sampling} sampling')
+  for key, label, style in (('unconditioned', 'this model, no pixels', ':'),
+                            ('baseline', 'baseline, unconditioned', '--')):
+    if curve.get(key) is not None:
+      ax.axhline(curve[key], color='gray' if key == 'baseline' else 'black', linestyle=style,
+                 label=label)
+  ax.set_xscale('symlog', linthresh=1)
+  ax.set(xlabel='observed pixels', ylabel='test MSE', yscale='log',
+         xlim=(0, max(curve['num_pixels'])))
+  ax.legend()
+  fig.savefig(path, dpi=100)
+

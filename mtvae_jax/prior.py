@@ -1,0 +1,243 @@
+"""Stage 2 of the VQ-VAE (thesis 2.2.2): a gated PixelCNN prior over the frozen encoder's codes.
+
+The prior is fit by maximum likelihood to the codes of the training split,
+keeps the epoch with the best validation likelihood, and is scored on the test
+codes in bits per code, the mean of -log2 p(c_i | earlier codes) over all
+positions, next to two baselines on the same codes: uniform, log2 K, and
+unigram, the code frequencies of the training split (add-one smoothed, so a
+code unseen in training costs finitely many bits).
+
+A VQ run's directory receives prior/ with:
+  config.json     the prior's config
+  history.jsonl   one line per epoch: train/ and val/ bits_per_code, seconds
+  checkpoints/best/  orbax checkpoint of the best epoch by validation bits per code
+  metrics.json    test_bits_per_code, uniform_bits_per_code, unigram_bits_per_code,
+                  best_epoch, best_val_bits_per_code, num_params
+"""
+import functools
+import json
+import pathlib
+import time
+from typing import Any
+
+from flax.training import train_state
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from mtvae_jax import checkpoints
+from mtvae_jax import train
+from mtvae_jax.errors import UserError
+from mtvae_jax.models import pixelcnn
+
+PRIOR_DIR = 'prior'
+
+
+def default_config():
+  """The prior's hyperparameters (configs/prior.py)."""
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+  config.pixelcnn = ml_collections.ConfigDict(dict(features=64, num_layers=6, kernel_size=3))
+  config.train = ml_collections.ConfigDict(dict(
+      num_epochs=30, batch_size=128, learning_rate=1e-3, weight_decay=1e-4))
+  return config
+
+
+# key -> (check, what is allowed)
+CHECKS = {
+    'pixelcnn.features': (lambda v: v >= 1, 'use an integer >= 1'),
+    'pixelcnn.num_layers': (lambda v: v >= 1, 'use an integer >= 1'),
+    'pixelcnn.kernel_size': (lambda v: v >= 3 and v % 2 == 1, 'use an odd integer >= 3'),
+    'train.num_epochs': (lambda v: v >= 1, 'use an integer >= 1'),
+    'train.batch_size': (lambda v: v >= 1, 'use an integer >= 1'),
+    'train.learning_rate': (lambda v: v > 0, 'use a number > 0'),
+    'train.weight_decay': (lambda v: v >= 0, 'use a number >= 0'),
+}
+
+
+def validate(config):
+  """Raises UserError naming the first key of the prior config with a bad value."""
+  for key, (ok, allowed) in CHECKS.items():
+    section, name = key.split('.')
+    value = config[section][name]
+    if not ok(value):
+      raise UserError(f'config.{key}={value!r} is not allowed: {allowed}')
+
+
+def build_prior(config, num_codes):
+  return pixelcnn.GatedPixelCNN(num_codes=num_codes, **config.pixelcnn)
+
+
+class PriorState(train_state.TrainState):
+  batch_stats: Any  # always {}: the PixelCNN has no batch norm; kept for the checkpoint helpers
+
+
+def create_prior_state(config, model, grid, key):
+  """Prior parameters for (h, w) code grids, with AdamW; built in jit like the VAE's state."""
+  tx = optax.adamw(config.train.learning_rate, weight_decay=config.train.weight_decay)
+
+  def init(key):
+    params = model.init(key, jnp.zeros((1, *grid), jnp.int32))['params']
+    return PriorState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={})
+
+  return jax.jit(init)(key)
+
+
+def load_vq_run(workdir):
+  """The finished VQ-VAE run of `workdir` (train.load_run); any other model is a UserError."""
+  model = train.load_config(workdir).model
+  if model != 'vq':
+    raise UserError(f"workdir '{workdir}' holds a run of model={model}: the prior is learned "
+                    'over the codes of a VQ-VAE run (model=vq)')
+  return train.load_run(workdir)
+
+
+@functools.partial(jax.jit, static_argnames=('model', 'method'))
+def _apply(model, variables, *args, method):
+  return model.apply(variables, *args, method=method)
+
+
+def apply_model(run, method, *args):
+  """run.model.<method>(*args) with the run's parameters and statistics, jitted."""
+  variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+  return _apply(run.model, variables, *args, method=method)
+
+
+def code_grid(run):
+  """(h, w) of the run's code grid."""
+  images = jax.ShapeDtypeStruct((1, *run.splits.train.shape[1:]), jnp.float32)
+  return jax.eval_shape(lambda x: apply_model(run, 'codes', x), images).shape[1:]
+
+
+def encode_codes(run, images, batch_size):
+  """(N, H, W, C) images -> (N, h, w) int32 codes of the run's frozen encoder."""
+  codes = [apply_model(run, 'codes', batch)
+           for batch, _ in train.padded_batches(images, batch_size)]
+  return np.concatenate(jax.device_get(codes))[:len(images)]
+
+
+def bits_per_code(logits, codes):
+  """Logits (B, h, w, K) and codes (B, h, w) -> (B,) mean -log2 p(code) over each grid."""
+  nats = optax.softmax_cross_entropy_with_integer_labels(logits, codes)
+  return jnp.mean(nats, axis=(1, 2)) / jnp.log(2.0)
+
+
+def uniform_bits_per_code(num_codes):
+  return float(np.log2(num_codes))
+
+
+def unigram_bits_per_code(train_codes, test_codes, num_codes):
+  """Mean -log2 q(c) over `test_codes`, q the add-one smoothed frequencies of `train_codes`."""
+  counts = np.bincount(np.ravel(train_codes), minlength=num_codes) + 1.0
+  return float(-np.mean(np.log2(counts / counts.sum())[test_codes]))
+
+
+def prior_train_step(state, codes):
+  """One AdamW step on codes (B, h, w); returns the state and the batch's bits per code."""
+  def loss_fn(params):
+    return jnp.mean(bits_per_code(state.apply_fn({'params': params}, codes), codes))
+
+  loss, grads = jax.value_and_grad(loss_fn)(state.params)
+  return state.apply_gradients(grads=grads), loss
+
+
+def prior_eval_step(state, codes, weights, key):
+  """Sum over the batch of bits per code, weighted by `weights` (B,) (0 for padding)."""
+  del key  # the prior's likelihood is deterministic
+  bits = bits_per_code(state.apply_fn({'params': state.params}, codes), codes)
+  return {'bits_per_code': jnp.sum(weights * bits)}
+
+
+def sampler(model):
+  """jit of pixelcnn.sample for `model`: (params, key, (B, h, w), temperature) -> codes."""
+  return jax.jit(functools.partial(pixelcnn.sample, model), static_argnames='shape')
+
+
+def train_prior(config, workdir) -> dict:
+  """Trains the prior of the VQ run in `workdir` into <workdir>/prior/; returns its metrics.
+
+  A prior/ holding a finished prior of the same config is kept and its
+  metrics returned. Raises UserError for a bad config, a missing or unfinished
+  run, a run of another model, or a prior/ of another config.
+  """
+  validate(config)
+  prior_dir = pathlib.Path(workdir).absolute() / PRIOR_DIR
+  finished = train.finished_run(config, prior_dir)
+  if finished is not None:
+    print(f'{prior_dir} holds a finished prior of this config; its metrics.json is kept.')
+    return finished
+  run = load_vq_run(workdir)
+  batch_size = config.train.batch_size
+  if batch_size > len(run.splits.train):
+    raise UserError(f'config.train.batch_size={batch_size} is not allowed: use at most '
+                    f'{len(run.splits.train)}, the training images')
+  train.init_workdir(config, prior_dir)
+
+  codes = {name: encode_codes(run, images, batch_size)
+           for name, images in run.splits._asdict().items()}
+  num_codes = run.config.vq.num_embeddings
+  model = build_prior(config, num_codes)
+  init_key, eval_key = jax.random.split(jax.random.key(config.seed))
+  state = create_prior_state(config, model, codes['train'].shape[1:], init_key)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  print(f'PixelCNN prior: {num_params:,} parameters; {num_codes} codes on a '
+        f'{codes["train"].shape[1:]} grid; {len(codes["train"])} train, '
+        f'{len(codes["validation"])} validation, {len(codes["test"])} test grids')
+
+  step_fn = jax.jit(prior_train_step, donate_argnums=0)
+  eval_fn = jax.jit(prior_eval_step)
+  steps_per_epoch = len(codes['train']) // batch_size
+  train_codes = jax.device_put(codes['train'])
+  best_checkpoint, _ = checkpoints.managers(prior_dir, keep_latest=1)
+
+  best_bits, best_epoch = np.inf, 0
+  with open(prior_dir / 'history.jsonl', 'w') as history:
+    for epoch in range(1, config.train.num_epochs + 1):
+      start = time.perf_counter()
+      order = np.random.default_rng([config.seed, epoch]).permutation(len(train_codes))
+      step_bits = []
+      for step in range(steps_per_epoch):
+        state, bits = step_fn(state, train_codes[order[step * batch_size:(step + 1) * batch_size]])
+        step_bits.append(bits)
+      train_bits = float(jnp.mean(jnp.stack(step_bits)))
+      val_bits = train.evaluate(eval_fn, state, codes['validation'], batch_size,
+                                eval_key)['bits_per_code']
+      record = {'epoch': epoch, 'train/bits_per_code': train_bits,
+                'val/bits_per_code': val_bits, 'seconds': time.perf_counter() - start}
+      history.write(json.dumps(record) + '\n')
+      history.flush()
+      if val_bits < best_bits:
+        best_bits, best_epoch = val_bits, epoch
+        checkpoints.save_best(best_checkpoint, epoch, state)
+      print(f'epoch {epoch}: train {train_bits:.4f} | val {val_bits:.4f} bits per code',
+            flush=True)
+
+  best_checkpoint.wait_until_finished()
+  state = checkpoints.restore_best(best_checkpoint, state, best_epoch)
+  result = {
+      'test_bits_per_code': train.evaluate(eval_fn, state, codes['test'], batch_size,
+                                           eval_key)['bits_per_code'],
+      'uniform_bits_per_code': uniform_bits_per_code(num_codes),
+      'unigram_bits_per_code': unigram_bits_per_code(codes['train'], codes['test'], num_codes),
+      'best_epoch': best_epoch, 'best_val_bits_per_code': best_bits,
+      'num_params': int(num_params)}
+  (prior_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
+  print(f'test bits per code (best epoch {best_epoch}): prior {result["test_bits_per_code"]:.4f} '
+        f'| unigram {result["unigram_bits_per_code"]:.4f} '
+        f'| uniform {result["uniform_bits_per_code"]:.4f}')
+  return result
+
+
+def load_prior(workdir, run):
+  """(model, state) of the trained prior in <workdir>/prior/, restored from its best checkpoint."""
+  prior_dir = pathlib.Path(workdir).absolute() / PRIOR_DIR
+  if not (prior_dir / 'metrics.json').exists():
+    raise UserError(f"workdir '{workdir}' holds no trained prior (no prior/metrics.json): run "
+                    f'python -m experiments.prior --workdir={workdir} first')
+  config = ml_collections.ConfigDict(json.loads((prior_dir / 'config.json').read_text()))
+  model = build_prior(config, run.config.vq.num_embeddings)
+  state = create_prior_state(config, model, code_grid(run), jax.random.key(config.seed))
+  best_checkpoint, _ = checkpoints.managers(prior_dir, keep_latest=1)
+  return model, checkpoints.restore_best(best_checkpoint, state)

@@ -27,7 +27,6 @@ from absl import app
 from absl import flags
 from absl import logging
 import jax
-import numpy as np
 
 from experiments import main as cli  # fail()
 import mtvae_jax

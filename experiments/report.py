@@ -4,8 +4,6 @@ Merges the crossval.json of several experiments.crossval directories into one
 markdown table, one row per directory in the order given; prints it and,
 with --out, writes it to that file.
 """
-import pathlib
-
 from absl import app
 from absl import flags
 
@@ -28,22 +26,12 @@ def parse_flags(argv):
   return rest
 
 
-def report(directories, out=None):
-  """The table of the directories' crossval.json, written to `out` too when given."""
-  table = crossval.markdown_table([crossval.load_summary(d) for d in directories])
-  if out:
-    try:
-      pathlib.Path(out).write_text(table)
-    except OSError as e:
-      raise mtvae_jax.UserError(f"--out='{out}' cannot be written: {e.strerror}") from None
-  return table
-
-
 def main(argv):
   try:
-    print(report(argv[1:], _OUT.value), end='')
+    print(crossval.report(argv[1:], _OUT.value), end='')
   except mtvae_jax.UserError as e:
     cli.fail(str(e))
+
 
 if __name__ == '__main__':
   app.run(main, flags_parser=parse_flags)

@@ -121,3 +121,14 @@ def cross_validate(config, workdir, num_folds):
   (workdir / SUMMARY).write_text(json.dumps(summary, indent=2) + '\n')
   (workdir / TABLE).write_text(markdown_table([summary]))
   return summary
+
+
+def report(directories, out=None):
+  """The table of the directories' crossval.json, written to `out` too when given."""
+  table = markdown_table([load_summary(d) for d in directories])
+  if out:
+    try:
+      pathlib.Path(out).write_text(table)
+    except OSError as e:
+      raise UserError(f"--out='{out}' cannot be written: {e.strerror}") from None
+  return table

@@ -18,12 +18,10 @@ import threading
 import time
 from typing import Any, NamedTuple
 
-import flax
 from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 import tqdm
 

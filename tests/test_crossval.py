@@ -9,7 +9,6 @@ import pytest
 from compile_cache import environment
 from compile_cache import ROOT
 from conftest import small_config
-from experiments import report
 from mtvae_jax import crossval
 from mtvae_jax.errors import UserError
 
@@ -133,9 +132,9 @@ def test_bad_input_exits_with_one_line(module, args, message, command, tmp_path)
 def test_report_of_a_directory_without_crossval_json_is_refused(tmp_path):
   with pytest.raises(UserError, match=f"'{tmp_path}' holds no crossval.json: run python -m "
                      'experiments.crossval'):
-    report.report([tmp_path])
+    crossval.report([tmp_path])
 
 
 def test_report_to_an_unwritable_file_is_refused(crossval_dir, tmp_path):
   with pytest.raises(UserError, match="--out='/nonexistent/t.md' cannot be written"):
-    report.report([crossval_dir], '/nonexistent/t.md')
+    crossval.report([crossval_dir], '/nonexistent/t.md')

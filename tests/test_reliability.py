@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import small_config
 from mtvae_jax import checkpoints
 from mtvae_jax import data
 from mtvae_jax import train
@@ -82,22 +83,26 @@ def sigterm_after(monkeypatch):
   return arm
 
 
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """metrics.json of an uninterrupted run of `small(...)`."""
+  return train.train_and_evaluate(small(small_config), tmp_path_factory.mktemp('reference'))
+
+
 def test_sigterm_checkpoints_then_rerun_resumes_exactly(make_config, tmp_path, sigterm_after,
-                                                       monkeypatch):
+                                                       monkeypatch, reference):
   config = small(make_config)
-  expected = train.train_and_evaluate(config, tmp_path / 'reference')
   sigterm_after(STEPS_PER_EPOCH + 7)
   with pytest.raises(UserError, match='stopped by SIGTERM at epoch 2, step 8'):
     train.train_and_evaluate(config, tmp_path / 'run')
   assert (STEPS_PER_EPOCH + 8) in latest_steps(tmp_path / 'run')
   monkeypatch.undo()
-  assert train.train_and_evaluate(config, tmp_path / 'run') == expected
+  assert train.train_and_evaluate(config, tmp_path / 'run') == reference
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(make_config, tmp_path, capsys,
-                                                             sigterm_after, monkeypatch):
+                                                             sigterm_after, monkeypatch, reference):
   config = small(make_config)
-  expected = train.train_and_evaluate(config, tmp_path / 'reference')
   sigterm_after(STEPS_PER_EPOCH + 4)
   with pytest.raises(UserError, match='stopped by SIGTERM'):
     train.train_and_evaluate(config, tmp_path / 'run')
@@ -107,7 +112,7 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(make_config, tmp_p
     if f.is_file():
       f.write_bytes(b'\0garbage')
   capsys.readouterr()
-  assert train.train_and_evaluate(config, tmp_path / 'run') == expected
+  assert train.train_and_evaluate(config, tmp_path / 'run') == reference
   captured = capsys.readouterr()
   assert f'latest/{newest} is unreadable' in captured.err
   assert f'resuming at epoch 2, step {previous - STEPS_PER_EPOCH}' in captured.out

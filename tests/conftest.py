@@ -1,7 +1,14 @@
 """Shared fixtures: small networks on the embedded digits so every test compiles little."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 
 from mtvae_jax import config as config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 VARIANTS = [(model, method) for model in ('gaussian', 'vq') for method in ('none', 'multi', 'single')]
 
@@ -23,3 +30,23 @@ def small_config(model, method, num_epochs=2):
 @pytest.fixture
 def make_config():
   return small_config
+
+
+def small(make_config, **train_keys):
+  """A 2-epoch multidecoder Gaussian config that checkpoints every 3 of its 22 steps per epoch."""
+  config = make_config('gaussian', 'multi', num_epochs=2)
+  config.train.update(checkpoint_every_steps=3, **train_keys)
+  return config
+
+
+def latest_steps(workdir):
+  """The steps of workdir's latest checkpoints, ascending."""
+  folder = pathlib.Path(workdir) / 'checkpoints' / 'latest'
+  return sorted(int(p.name) for p in folder.glob('*') if p.name.isdigit()) if folder.is_dir() else []
+
+
+def run_main(*args):
+  """python -m experiments.main with `args`, from the repository root, as a user runs it."""
+  return subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, PYTHONPATH=str(ROOT)))

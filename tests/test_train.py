@@ -82,10 +82,7 @@ def test_load_run_refuses_an_unfinished_workdir(tmp_path):
 def test_same_config_and_seed_give_the_same_metrics(make_config, tmp_path):
   config = make_config('gaussian', 'single', num_epochs=1)
   first = train.train_and_evaluate(config, tmp_path / 'a')
-  second = train.train_and_evaluate(config, tmp_path / 'b')
-  assert first == second
-  config.seed = 1
-  assert train.train_and_evaluate(config, tmp_path / 'c')['loss'] != first['loss']
+  assert train.train_and_evaluate(config, tmp_path / 'b') == first
 
 
 def test_workdir_of_another_config_is_refused_and_kept(make_config, tmp_path):

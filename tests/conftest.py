@@ -33,9 +33,9 @@ def make_config():
 
 
 def small(make_config, **train_keys):
-  """A 2-epoch multidecoder Gaussian config that checkpoints every 3 of its 22 steps per epoch."""
+  """A 2-epoch multidecoder Gaussian config that checkpoints every 5 of its 22 steps per epoch."""
   config = make_config('gaussian', 'multi', num_epochs=2)
-  config.train.update(checkpoint_every_steps=3, **train_keys)
+  config.train.update(checkpoint_every_steps=5, **train_keys)
   return config
 
 

@@ -1,8 +1,5 @@
 """Loss balancing: fixed weights and SoftAdapt, alone, in the train step and in a run."""
 import json
-import os
-import subprocess
-import sys
 
 import hypothesis
 from hypothesis import strategies as st
@@ -19,7 +16,7 @@ from mtvae_jax import losses
 from mtvae_jax import models
 from mtvae_jax import train
 from mtvae_jax.errors import UserError
-from test_cli import ROOT
+from conftest import run_main
 
 NAMES = ('recon', 'recon_cond', 'kl')  # the terms of a multi-decoder Gaussian VAE
 # Per-step losses of NAMES; with window = update_every = 2 the weights change after
@@ -189,10 +186,7 @@ def test_history_logs_the_moving_weights_and_validation_keeps_fixed_weights(tmp_
 
 
 def test_bad_balancing_flag_ends_the_command_line_with_one_line():
-  result = subprocess.run(
-      [sys.executable, '-m', 'experiments.main', '--config=configs/vq_multi.py',
-       '--config.loss.softadapt.variant=fast'], cwd=ROOT, capture_output=True, text=True,
-      timeout=300, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+  result = run_main('--config=configs/vq_multi.py', '--config.loss.softadapt.variant=fast')
   assert result.returncode == 2
   assert result.stderr.strip().splitlines()[-1] == (
       "error: config.loss.softadapt.variant='fast' is not allowed: "

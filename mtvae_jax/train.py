@@ -355,51 +355,52 @@ def train_and_evaluate(config, workdir) -> dict:
         dict(position, epoch=epoch, step=step))
 
   every = config.train.checkpoint_every_steps
-  with _history(workdir / 'history.jsonl', position['epoch']) as history, _StopSignal() as stop, \
-      events.EventWriter(workdir, functools.partial(eval_conds, config), splits.validation,
-                         run.eval_key, first_epoch=position['epoch']) as writer:
-    for epoch in range(position['epoch'], config.train.num_epochs + 1):
-      start = time.perf_counter()
-      first_step = position['step'] if epoch == position['epoch'] else 0
-      order = pipeline.epoch_order(config.seed, epoch, len(splits.train), batch_size)[first_step:]
-      batches = pipeline.batches(train_images, order, config.data.num_workers)
-      for step, batch in enumerate(tqdm.tqdm(batches, total=len(order), desc=f'epoch {epoch}',
-                                             leave=False, disable=None, file=sys.stderr),
-                                   start=first_step + 1):
-        state, sums, health = train_fn(state, sums, health, batch, run.train_key)
-        due = every and step < steps_per_epoch and ((epoch - 1) * steps_per_epoch + step) % every == 0
-        if stop.received or due:
-          save_latest(epoch, step)
-        if stop.received:
-          latest_checkpoints.wait_until_finished()
-          raise UserError(f'stopped by {stop.received} at epoch {epoch}, step {step}: the state is '
-                          f'checkpointed in {workdir}/checkpoints; rerun the same command to resume')
-      health = _check_health(health, metric_names, workdir, config)
-      totals = jax.device_get(sums)
-      train_metrics = {name: totals[name] / max(totals['steps'], 1) for name in metric_names}
-      seconds = time.perf_counter() - start
-      val_metrics = evaluate(eval_fn, state, splits.validation, batch_size, run.eval_key,
-                             config.data.num_workers)
-      weights = {k: float(v) for k, v in jax.device_get(state.balancing.weights).items()}
-      record = {'epoch': epoch,
-                **{f'train/{k}': float(v) for k, v in train_metrics.items()},
-                **{f'val/{k}': v for k, v in val_metrics.items()},
-                **{f'weights/{k}': v for k, v in weights.items()},
-                'skipped_steps': int(health['skipped']),
-                'seconds': seconds, 'images_per_s': len(order) * batch_size / seconds}
-      history.write(json.dumps(record) + '\n')
-      history.flush()
-      writer.write(record, state)
-      if val_metrics['loss'] < position['best_loss']:
-        position.update(best_loss=val_metrics['loss'], best_epoch=epoch)
-        checkpoints.save_best(best_checkpoints, epoch, state)
-      sums = zero_sums()
-      save_latest(epoch + 1, 0)
-      print(f'epoch {epoch}: train {_format(train_metrics)} | val {_format(val_metrics)} | '
-            f'weights {_format(weights)} | {record["images_per_s"]:.0f} images/s', flush=True)
+  try:
+    with _history(workdir / 'history.jsonl', position['epoch']) as history, _StopSignal() as stop, \
+        events.EventWriter(workdir, functools.partial(eval_conds, config), splits.validation,
+                           run.eval_key, first_epoch=position['epoch']) as writer:
+      for epoch in range(position['epoch'], config.train.num_epochs + 1):
+        start = time.perf_counter()
+        first_step = position['step'] if epoch == position['epoch'] else 0
+        order = pipeline.epoch_order(config.seed, epoch, len(splits.train), batch_size)[first_step:]
+        batches = pipeline.batches(train_images, order, config.data.num_workers)
+        for step, batch in enumerate(tqdm.tqdm(batches, total=len(order), desc=f'epoch {epoch}',
+                                               leave=False, disable=None, file=sys.stderr),
+                                     start=first_step + 1):
+          state, sums, health = train_fn(state, sums, health, batch, run.train_key)
+          due = every and step < steps_per_epoch and ((epoch - 1) * steps_per_epoch + step) % every == 0
+          if stop.received or due:
+            save_latest(epoch, step)
+          if stop.received:
+            raise UserError(f'stopped by {stop.received} at epoch {epoch}, step {step}: the state is '
+                            f'checkpointed in {workdir}/checkpoints; rerun the same command to resume')
+        health = _check_health(health, metric_names, workdir, config)
+        totals = jax.device_get(sums)
+        train_metrics = {name: totals[name] / max(totals['steps'], 1) for name in metric_names}
+        seconds = time.perf_counter() - start
+        val_metrics = evaluate(eval_fn, state, splits.validation, batch_size, run.eval_key,
+                               config.data.num_workers)
+        weights = {k: float(v) for k, v in jax.device_get(state.balancing.weights).items()}
+        record = {'epoch': epoch,
+                  **{f'train/{k}': float(v) for k, v in train_metrics.items()},
+                  **{f'val/{k}': v for k, v in val_metrics.items()},
+                  **{f'weights/{k}': v for k, v in weights.items()},
+                  'skipped_steps': int(health['skipped']),
+                  'seconds': seconds, 'images_per_s': len(order) * batch_size / seconds}
+        history.write(json.dumps(record) + '\n')
+        history.flush()
+        writer.write(record, state)
+        if val_metrics['loss'] < position['best_loss']:
+          position.update(best_loss=val_metrics['loss'], best_epoch=epoch)
+          checkpoints.save_best(best_checkpoints, epoch, state)
+        sums = zero_sums()
+        save_latest(epoch + 1, 0)
+        print(f'epoch {epoch}: train {_format(train_metrics)} | val {_format(val_metrics)} | '
+              f'weights {_format(weights)} | {record["images_per_s"]:.0f} images/s', flush=True)
+  finally:  # an exception must not lose a checkpoint still being written
+    best_checkpoints.wait_until_finished()
+    latest_checkpoints.wait_until_finished()
 
-  best_checkpoints.wait_until_finished()
-  latest_checkpoints.wait_until_finished()
   state = checkpoints.restore_best(best_checkpoints, state, position['best_epoch'])
   test_metrics = evaluate(eval_fn, state, splits.test, batch_size, run.eval_key,
                          config.data.num_workers)

@@ -340,8 +340,8 @@ def train_and_evaluate(config, workdir) -> dict:
   sums = zero_sums()
   health = {'bad_step': jnp.array(-1), 'bad_term': jnp.array(-1), 'skipped': jnp.array(0)}
   position = {'epoch': 1, 'step': 0, 'best_loss': float('inf'), 'best_epoch': 0}
-  restored = resume and checkpoints.restore_latest(
-      latest_checkpoints, {'state': state, 'sums': sums, 'health': health})
+  restored = checkpoints.restore_latest(
+      latest_checkpoints, {'state': state, 'sums': sums, 'health': health}) if resume else None
   if restored:
     (tree, position) = restored
     state, sums, health = tree['state'], tree['sums'], tree['health']

@@ -8,8 +8,10 @@ configuration 1 and VQ configuration 2, methods none / multi / single, on
 each figure is the median over --steps, so a load that comes and goes hits
 both alike. Also reported: the JAX step's compile time from an empty
 persistent compilation cache (cold) and from a filled one (cached), and the
-peak memory of each framework's step. Mistakes in flags end the program with
-one line and exit status 2.
+peak memory of each framework's step. The JAX step runs with the XLA_FLAGS
+that `import mtvae_jax` sets (its CPU convolution flag; the first line of
+output shows them). Mistakes in flags end the program with one line and exit
+status 2.
 """
 import ctypes
 import ctypes.util
@@ -172,7 +174,7 @@ def machine():
                 if line.startswith('model name')), cpu)
   load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
   return (f'{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].device_kind}; '
-          f'load average {load}')
+          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average {load}')
 
 
 def table(results):

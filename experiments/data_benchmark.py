@@ -1,27 +1,37 @@
 """The input pipeline's images/s next to the train step's, for one config.
 
-  python -m experiments.data_benchmark --config=configs/gauss_multi.py:celeb_a [--stream]
+  python -m experiments.data_benchmark --config=configs/gauss_multi.py:celeb_a [--stream] [--decode]
 
-The pipeline reads training batches in the order of epoch 1 (device-resident
-gather for in-memory sets, grain workers for streamed ones) with nothing else
-running; the train step runs on one batch already on the device. --stream
-streams the training split whatever its size, as a large set would be.
+The pipeline reads training batches in the order of epochs 1, 2, ..., float32
+on the device, with nothing else running: for an in-memory set a gather on the
+device; for a streamed set read from its uint8 cache (data.cache_dir) both
+ways `pipeline.to_device` may feed it, gathered from the cache held on the
+device and read from the memory-mapped cache file by host threads, and with
+--decode (or data.cache_dir=none) decoded from the source by grain workers.
+The train step runs on one batch already on the device. --stream streams the
+training split whatever its size, as a large set would be.
 """
 import functools
+import math
 import time
 
 from absl import app
 from absl import flags
 import jax
+import numpy as np
 
 from experiments import main
 from mtvae_jax import config as config_lib
+from mtvae_jax import data
 from mtvae_jax import train
 from mtvae_jax.data import pipeline
-from mtvae_jax.errors import UserError
 
-_BATCHES = flags.DEFINE_integer('batches', 100, 'Batches to time, for each side.')
+_BATCHES = flags.DEFINE_integer('batches', 100, 'Batches to time, for each side (epoch 1, 2, ...).',
+                               lower_bound=1)
 _STREAM = flags.DEFINE_bool('stream', False, 'Stream the training split even if it is small.')
+_STEP_BATCHES = flags.DEFINE_integer('step_batches', 0, 'Batches to time the train step on '
+                                     '(0: --batches), fewer where it is slow.', lower_bound=0)
+_DECODE = flags.DEFINE_bool('decode', False, 'Also time decoding from the source, without cache.')
 
 
 def images_per_s(batches, batch_size, run_batch):
@@ -41,14 +51,14 @@ def benchmark(config, workdir):
     pipeline.IN_MEMORY_BYTES = 0
   run = train.setup(config)
   batch_size, num_batches = config.train.batch_size, _BATCHES.value
-  steps = len(run.splits.train) // batch_size
-  if steps < num_batches + 1:
-    raise UserError(f'--batches={num_batches} is not allowed: the training split has '
-                               f'{steps} batches of {batch_size}, use at most {steps - 1}')
-  order = pipeline.epoch_order(config.seed, 1, len(run.splits.train), batch_size)
-  feed = pipeline.batches(pipeline.to_device(run.splits.train), order, config.data.num_workers)
-  pipeline_rate = images_per_s(num_batches, batch_size, lambda i: next(feed))
-  del feed  # stops the workers
+  epochs = range(1, math.ceil((num_batches + 1) / (len(run.splits.train) // batch_size)) + 1)
+  order = np.concatenate([pipeline.epoch_order(config.seed, epoch, len(run.splits.train),
+                                               batch_size) for epoch in epochs])
+  rates = {}
+  for name, images in feeds(run.splits.train, config).items():
+    feed = pipeline.batches(images, order, config.data.num_workers)
+    rates[name] = images_per_s(num_batches, batch_size, lambda i, feed=feed: next(feed))
+    del feed  # stops the workers
 
   batch = next(pipeline.batches(pipeline.to_device(run.splits.train), order[:1]))
   train_fn = jax.jit(functools.partial(train.train_step, config=config), donate_argnums=0)
@@ -59,12 +69,26 @@ def benchmark(config, workdir):
     state, metrics = train_fn(state, batch, run.train_key)
     return metrics
 
-  step_rate = images_per_s(num_batches, batch_size, step)
-  kind = 'streamed' if isinstance(run.splits.train, pipeline.Source) else 'in memory'
+  step_rate = images_per_s(_STEP_BATCHES.value or num_batches, batch_size, step)
   print(f'{config.model} {config.method} on {config.data.name} {run.splits.train.shape[1:]}, '
-        f'batch {batch_size}, {jax.devices()[0].device_kind}: '
-        f'input pipeline ({kind}, {config.data.num_workers} workers) {pipeline_rate:,.0f} images/s; '
-        f'train step {step_rate:,.0f} images/s; pipeline / step = {pipeline_rate / step_rate:.1f}x')
+        f'batch {batch_size}, {jax.devices()[0].device_kind}: train step {step_rate:,.0f} images/s')
+  for name, rate in rates.items():
+    print(f'  input pipeline, {name}: {rate:,.0f} images/s = {rate / step_rate:.1f}x the step')
+
+
+def feeds(train_images, config):
+  """{what: training split ready for pipeline.batches}: every way the split can be fed."""
+  workers = config.data.num_workers
+  if not isinstance(train_images, pipeline.Source):
+    return {'in memory, gathered on the device': pipeline.to_device(train_images)}
+  if not isinstance(train_images, pipeline.Cached):
+    return {f'decoded by {workers} workers': train_images}
+  ways = {'cache on the device, gathered there': pipeline.to_device(train_images, math.inf),
+          'cache memory-mapped on the host, read by threads': pipeline.to_device(train_images, 0)}
+  if _DECODE.value:
+    source = data.DATASETS[config.data.name](config.data, config.seed).train
+    ways[f'decoded by {workers} workers, no cache'] = source
+  return ways
 
 
 if __name__ == '__main__':

@@ -55,7 +55,7 @@ def base_config(model, method, arg=None):
 
   config.data = ml_collections.ConfigDict(dict(
       name=dataset, path='', validation_fraction=0.1, test_fraction=0.1, num_folds=0, fold=0,
-      tfds_data_dir='', crop_size=0, image_size=0, num_workers=2))
+      tfds_data_dir='', crop_size=0, image_size=0, num_workers=2, cache_dir=''))
 
   config.gaussian = ml_collections.ConfigDict(PRESETS['gaussian'][preset if model == 'gaussian' else 1])
   config.vq = ml_collections.ConfigDict(dict(
@@ -81,6 +81,12 @@ def base_config(model, method, arg=None):
   config.train = ml_collections.ConfigDict(dict(
       num_epochs=100, batch_size=128, learning_rate=1e-3, weight_decay=1e-4,
       checkpoint_every_steps=500, keep_checkpoints=3, on_nonfinite='stop'))
+
+  # Several hosts (mtvae_jax.parallel): unset values ('', 0, -1) come from the environment
+  # variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or the cluster.
+  # Where a run executes, not what it trains: left out when a workdir's run is compared.
+  config.distributed = ml_collections.ConfigDict(dict(
+      coordinator_address='', num_processes=0, process_id=-1))
   return config
 
 
@@ -128,6 +134,13 @@ def validate(config):
   for name, weight in config.loss.weights.items():
     _require(weight >= 0, f'loss.weights.{name}', weight, 'use a number >= 0')
   _validate_balancing(config)
+  distributed = config.distributed
+  _require(distributed.num_processes >= 0, 'distributed.num_processes', distributed.num_processes,
+           'use an integer >= 1, or 0 for the environment')
+  _require(-1 <= distributed.process_id and (distributed.process_id < distributed.num_processes
+                                             or distributed.num_processes == 0),
+           'distributed.process_id', distributed.process_id,
+           'use an integer from 0 to distributed.num_processes - 1, or -1 for the environment')
   family = config[config.model]
   _require(len(family.hidden_sizes) >= 1 and min(family.hidden_sizes) >= 1,
            f'{config.model}.hidden_sizes', tuple(family.hidden_sizes),

@@ -55,11 +55,34 @@ def exact_mask(key, k, shape):
 
 
 def uniform_mask(key, k, shape):
-  """Exactly min(k, H*W) distinct pixels chosen uniformly at random."""
+  """Exactly min(k, H*W) distinct pixels chosen uniformly at random (scores ranked below k)."""
   height, width = shape
-  scores = jax.random.uniform(key, (height * width,))
-  ranks = jnp.argsort(jnp.argsort(scores))
-  return (ranks < k).reshape(height, width, 1).astype(jnp.float32)
+  mask = rank_below(jax.random.uniform(key, (height * width,)), k)
+  return mask.reshape(height, width, 1).astype(jnp.float32)
+
+
+def rank_below(scores, k):
+  """(N,) scores in [0, 1) -> (N,) bool: argsort(argsort(scores)) < k, without sorting.
+
+  The two sorts cost 35 ms per batch of 128 images of 32x32 on 2 CPU cores
+  (XLA's CPU sort is slow), a quarter of a Gaussian train step; this costs 3 ms.
+  Bisection over the scores' bit patterns (ordered as the nonnegative
+  floats are) finds the k-th smallest score t in 30 counting passes; the
+  mask holds the scores below t and, of those equal to t, the first ones
+  by index, as the stable argsort ranks them.
+  """
+  bits = jax.lax.bitcast_convert_type(scores, jnp.int32)
+
+  def halve(_, bounds):  # invariant: count(bits <= low) < k <= count(bits <= high) (or high = 1.0)
+    low, high = bounds
+    middle = low + (high - low) // 2
+    enough = jnp.sum(bits <= middle) >= k
+    return jnp.where(enough, low, middle), jnp.where(enough, middle, high)
+
+  one = jax.lax.bitcast_convert_type(jnp.float32(1), jnp.int32)  # above every score; < 2**30
+  _, threshold = jax.lax.fori_loop(0, 30, halve, (jnp.int32(-1), one))
+  below, ties = bits < threshold, bits == threshold
+  return below | (ties & (jnp.cumsum(ties) <= k - jnp.sum(below)))
 
 
 def gaussian_mask(key, k, shape, std=0.25):

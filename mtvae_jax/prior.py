@@ -28,6 +28,7 @@ import numpy as np
 import optax
 
 from mtvae_jax import checkpoints
+from mtvae_jax import parallel
 from mtvae_jax import train
 from mtvae_jax.errors import UserError
 from mtvae_jax.models import pixelcnn
@@ -75,14 +76,15 @@ class PriorState(train_state.TrainState):
 
 
 def create_prior_state(config, model, grid, key):
-  """Prior parameters for (h, w) code grids, with AdamW; built in jit like the VAE's state."""
+  """Prior parameters for (h, w) code grids, with AdamW; built in jit and replicated on every
+  device like the VAE's state."""
   tx = optax.adamw(config.train.learning_rate, weight_decay=config.train.weight_decay)
 
   def init(key):
     params = model.init(key, jnp.zeros((1, *grid), jnp.int32))['params']
     return PriorState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={})
 
-  return jax.jit(init)(key)
+  return jax.jit(init, out_shardings=parallel.replicated())(key)
 
 
 def load_vq_run(workdir):

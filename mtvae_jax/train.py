@@ -8,6 +8,7 @@ Work directory layout:
   checkpoints/latest/  the last few full training states, for resuming
   metrics.json    test metrics of the best checkpoint
 """
+import contextlib
 import functools
 import json
 import pathlib
@@ -22,6 +23,7 @@ from flax.training import train_state
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 import tqdm
 
@@ -33,6 +35,7 @@ from mtvae_jax import events
 from mtvae_jax import losses
 from mtvae_jax import masks
 from mtvae_jax import models
+from mtvae_jax import parallel
 from mtvae_jax.data import pipeline
 from mtvae_jax.errors import UserError
 
@@ -46,7 +49,8 @@ def create_train_state(config, model, image_shape, key):
   """Parameters, batch-norm statistics and loss-balancing state from `key`, with AdamW.
 
   Built inside jit so that every leaf (the step counter included) is a
-  device array of fixed dtype and the train step compiles once.
+  device array of fixed dtype and the train step compiles once; replicated
+  on every device.
   """
   height, width, channels = image_shape
   images = jnp.zeros((1, height, width, channels))
@@ -61,7 +65,7 @@ def create_train_state(config, model, image_shape, key):
                              batch_stats=variables.get('batch_stats', {}), tx=tx,
                              balancing=balancing.init(config))
 
-  return jax.jit(init)(key)
+  return jax.jit(init, out_shardings=parallel.replicated())(key)
 
 
 def train_conds(config, images, key):
@@ -174,13 +178,19 @@ def evaluate(eval_fn, state, images, batch_size, key, num_workers=0):
   return {name: float(value) / len(images) for name, value in jax.device_get(sums).items()}
 
 
+# Config keys that say where and how a run executes, not what it trains.
+RUN_PLACE = ('distributed.', 'data.cache_dir', 'data.num_workers')
+
+
 def finished_run(config, workdir):
   """Metrics of a finished run of `config` in `workdir`, or None; refuses another config's run."""
   workdir = pathlib.Path(workdir)
   if not (workdir / 'config.json').exists():
     return None
-  previous = _flatten(json.loads((workdir / 'config.json').read_text()))
-  current = _flatten(json.loads(config.to_json_best_effort()))
+  previous, current = (
+      {k: v for k, v in _flatten(c).items() if not k.startswith(RUN_PLACE)}
+      for c in (json.loads((workdir / 'config.json').read_text()),
+                json.loads(config.to_json_best_effort())))
   changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
   if changed:
     raise UserError(f"workdir '{workdir}' holds a run of another config (differs at "
@@ -231,14 +241,21 @@ class Run(NamedTuple):
 
 
 def setup(config) -> Run:
-  """Data, model and initial state for a validated config (deterministic by config.seed)."""
+  """Data, model and initial state for a validated config (deterministic by config.seed).
+
+  The state and keys are replicated on every device; the batch size must
+  split evenly over the devices.
+  """
+  parallel.initialize(config.distributed)
+  parallel.check_batch_size(config.train.batch_size)
   splits = data.load(config.data, config.seed)
   config_lib.validate_for_data(config, splits)
   image_shape = splits.train.shape[1:]
   model = models.build_model(config, image_shape)
-  init_key, train_key, eval_key = jax.random.split(jax.random.key(config.seed), 3)
-  state = create_train_state(config, model, image_shape, init_key)
-  return Run(config, splits, model, state, train_key, eval_key)
+  keys = jax.jit(lambda: jax.random.split(jax.random.key(config.seed), 3),
+                 out_shardings=parallel.replicated())()
+  state = create_train_state(config, model, image_shape, keys[0])
+  return Run(config, splits, model, state, keys[1], keys[2])
 
 
 def load_config(workdir):
@@ -246,7 +263,11 @@ def load_config(workdir):
   workdir = pathlib.Path(workdir)
   if not (workdir / 'metrics.json').exists():
     raise UserError(f"workdir '{workdir}' holds no finished run (no metrics.json): train it first")
-  return ml_collections.ConfigDict(json.loads((workdir / 'config.json').read_text()))
+  stored = json.loads((workdir / 'config.json').read_text())
+  # Keys added since the run was written take their defaults.
+  config = config_lib.base_config(stored['model'], stored['method'])
+  config.update(stored)
+  return config
 
 
 def load_run(workdir) -> Run:
@@ -254,6 +275,9 @@ def load_run(workdir) -> Run:
   run = setup(load_config(workdir))
   best, _ = checkpoints.managers(workdir, keep_latest=1)
   return run._replace(state=checkpoints.restore_best(best, run.state))
+
+
+POLL_STEPS = 10  # with several processes, how often they check for a stop signal
 
 
 class _StopSignal:
@@ -272,6 +296,13 @@ class _StopSignal:
   def _handle(self, signum, frame):
     del frame
     self.received = signal.Signals(signum).name
+
+  def requested(self, step):
+    """Whether to stop after `step`. With several processes they agree every POLL_STEPS steps
+    (a collective), so all stop at the same step."""
+    if jax.process_count() == 1:
+      return self.received is not None
+    return step % POLL_STEPS == 0 and parallel.any_process(self.received is not None)
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -317,28 +348,37 @@ def train_and_evaluate(config, workdir) -> dict:
   resume = (pathlib.Path(workdir) / 'config.json').exists()
   run = setup(config)  # loads the data and checks the keys that depend on it
   splits, state = run.splits, run.state
-  state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-  init_workdir(config, workdir, resume, needed_bytes=state_bytes * (config.train.keep_checkpoints + 2))
+  writes = parallel.is_writer()
+  parallel.sync('workdir read')  # by every process, before process 0 changes it
+  if writes:
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    init_workdir(config, workdir, resume,
+                 needed_bytes=state_bytes * (config.train.keep_checkpoints + 2))
+  parallel.sync('workdir ready')
   workdir = pathlib.Path(workdir).absolute()
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'{config.model} VAE, method {config.method}: {num_params:,} parameters; data '
         f'{config.data.name} {splits.train.shape[1:]}: {len(splits.train)} train, '
         f'{len(splits.validation)} validation, {len(splits.test)} test images')
 
-  train_fn = jax.jit(functools.partial(guarded_step, config=config), donate_argnums=(0, 1, 2))
-  eval_fn = jax.jit(functools.partial(eval_step, config=config))
+  replicated = parallel.replicated()
+  train_fn = jax.jit(functools.partial(guarded_step, config=config), donate_argnums=(0, 1, 2),
+                     out_shardings=replicated)
+  eval_fn = jax.jit(functools.partial(eval_step, config=config), out_shardings=replicated)
   batch_size = config.train.batch_size
   steps_per_epoch = len(splits.train) // batch_size
-  train_images = pipeline.to_device(splits.train)
+  train_images, val_images, test_images = map(pipeline.to_device, splits)
   best_checkpoints, latest_checkpoints = checkpoints.managers(workdir, config.train.keep_checkpoints)
 
   _, metric_shapes = jax.eval_shape(functools.partial(train_step, config=config),
                                     state, jax.ShapeDtypeStruct((batch_size, *splits.train.shape[1:]),
                                                                 jnp.float32), run.train_key)
   metric_names = sorted(metric_shapes)
-  zero_sums = lambda: {name: jnp.zeros((), jnp.float32) for name in [*metric_names, 'steps']}
+  zero_sums = lambda: parallel.replicate(
+      {name: np.zeros((), np.float32) for name in [*metric_names, 'steps']})
   sums = zero_sums()
-  health = {'bad_step': jnp.array(-1), 'bad_term': jnp.array(-1), 'skipped': jnp.array(0)}
+  health = parallel.replicate({name: np.array(value, np.int32) for name, value in
+                               (('bad_step', -1), ('bad_term', -1), ('skipped', 0))})
   position = {'epoch': 1, 'step': 0, 'best_loss': float('inf'), 'best_epoch': 0}
   restored = checkpoints.restore_latest(
       latest_checkpoints, {'state': state, 'sums': sums, 'health': health}) if resume else None
@@ -356,9 +396,13 @@ def train_and_evaluate(config, workdir) -> dict:
 
   every = config.train.checkpoint_every_steps
   try:
-    with _history(workdir / 'history.jsonl', position['epoch']) as history, _StopSignal() as stop, \
-        events.EventWriter(workdir, functools.partial(eval_conds, config), splits.validation,
-                           run.eval_key, first_epoch=position['epoch']) as writer:
+    with contextlib.ExitStack() as stack:
+      stop = stack.enter_context(_StopSignal())
+      if writes:  # only process 0 writes files
+        history = stack.enter_context(_history(workdir / 'history.jsonl', position['epoch']))
+      writer = stack.enter_context(events.EventWriter(
+          workdir, functools.partial(eval_conds, config), splits.validation, run.eval_key,
+          first_epoch=position['epoch'], enabled=writes))
       for epoch in range(position['epoch'], config.train.num_epochs + 1):
         start = time.perf_counter()
         first_step = position['step'] if epoch == position['epoch'] else 0
@@ -369,16 +413,18 @@ def train_and_evaluate(config, workdir) -> dict:
                                      start=first_step + 1):
           state, sums, health = train_fn(state, sums, health, batch, run.train_key)
           due = every and step < steps_per_epoch and ((epoch - 1) * steps_per_epoch + step) % every == 0
-          if stop.received or due:
+          stopping = stop.requested(step)
+          if stopping or due:
             save_latest(epoch, step)
-          if stop.received:
-            raise UserError(f'stopped by {stop.received} at epoch {epoch}, step {step}: the state is '
-                            f'checkpointed in {workdir}/checkpoints; rerun the same command to resume')
+          if stopping:
+            raise UserError(f'stopped by {stop.received or "a signal to another process"} at epoch '
+                            f'{epoch}, step {step}: the state is checkpointed in {workdir}/'
+                            'checkpoints; rerun the same command to resume')
         health = _check_health(health, metric_names, workdir, config)
         totals = jax.device_get(sums)
         train_metrics = {name: totals[name] / max(totals['steps'], 1) for name in metric_names}
         seconds = time.perf_counter() - start
-        val_metrics = evaluate(eval_fn, state, splits.validation, batch_size, run.eval_key,
+        val_metrics = evaluate(eval_fn, state, val_images, batch_size, run.eval_key,
                                config.data.num_workers)
         weights = {k: float(v) for k, v in jax.device_get(state.balancing.weights).items()}
         record = {'epoch': epoch,
@@ -387,8 +433,9 @@ def train_and_evaluate(config, workdir) -> dict:
                   **{f'weights/{k}': v for k, v in weights.items()},
                   'skipped_steps': int(health['skipped']),
                   'seconds': seconds, 'images_per_s': len(order) * batch_size / seconds}
-        history.write(json.dumps(record) + '\n')
-        history.flush()
+        if writes:
+          history.write(json.dumps(record) + '\n')
+          history.flush()
         writer.write(record, state)
         if val_metrics['loss'] < position['best_loss']:
           position.update(best_loss=val_metrics['loss'], best_epoch=epoch)
@@ -402,10 +449,11 @@ def train_and_evaluate(config, workdir) -> dict:
     latest_checkpoints.wait_until_finished()
 
   state = checkpoints.restore_best(best_checkpoints, state, position['best_epoch'])
-  test_metrics = evaluate(eval_fn, state, splits.test, batch_size, run.eval_key,
+  test_metrics = evaluate(eval_fn, state, test_images, batch_size, run.eval_key,
                          config.data.num_workers)
   result = dict(test_metrics, best_epoch=position['best_epoch'],
                 best_val_loss=position['best_loss'], num_params=int(num_params))
-  (workdir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
+  if writes:
+    (workdir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
   print(f'test (best epoch {position["best_epoch"]}): {_format(test_metrics)}')
   return result

@@ -45,8 +45,18 @@ def latest_steps(workdir):
   return sorted(int(p.name) for p in folder.glob('*') if p.name.isdigit()) if folder.is_dir() else []
 
 
-def run_main(*args):
-  """python -m experiments.main with `args`, from the repository root, as a user runs it."""
+def run_main(*args, devices=None):
+  """python -m experiments.main with `args`, from the repository root, as a user runs it;
+  with `devices`, on that many CPU devices."""
   return subprocess.run([sys.executable, '-m', 'experiments.main', *args], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600,
-                        env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                        capture_output=True, text=True, timeout=600, env=device_env(devices))
+
+
+def device_env(devices=None):
+  """The environment of a subprocess that imports the project (and tests/), with `devices`
+  CPU devices when given."""
+  env = dict(os.environ, PYTHONPATH=f'{ROOT}{os.pathsep}{ROOT / "tests"}')
+  if devices:
+    flag = f'--xla_force_host_platform_device_count={devices}'
+    env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flag}'.strip()
+  return env

@@ -4,7 +4,9 @@ import pathlib
 import re
 import subprocess
 import sys
+import types
 
+import jax
 import numpy as np
 from PIL import Image
 import pytest
@@ -14,6 +16,7 @@ from conftest import small_config
 from mtvae_jax import config as config_lib
 from mtvae_jax import data
 from mtvae_jax import train
+from mtvae_jax.data import cache
 from mtvae_jax.data import images
 from mtvae_jax.data import pipeline
 from mtvae_jax.data import tfds_source
@@ -23,6 +26,14 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 FASHION = pathlib.Path(data.DEBIAN_FASHION_MNIST)
 # Requests through a proxy that refuses connections fail at once: "no network", whatever the machine.
 OFFLINE = {'HTTPS_PROXY': 'http://127.0.0.1:9', 'HTTP_PROXY': 'http://127.0.0.1:9', 'NO_PROXY': ''}
+
+
+@pytest.fixture(autouse=True)
+def cache_folder(tmp_path_factory, monkeypatch):
+  """The folder that decoded sets are cached in: the test's own, not ~/.cache."""
+  folder = tmp_path_factory.mktemp('cache')
+  monkeypatch.setattr(cache, 'DEFAULT_DIR', str(folder))
+  return folder
 
 
 def data_config(name, **overrides):
@@ -156,13 +167,14 @@ def test_streamed_batches_equal_in_memory_batches(tmp_path, num_workers):
     np.testing.assert_allclose(a, b, atol=1e-7)
 
 
-def test_training_streams_a_large_training_split(tmp_path, monkeypatch):
+def test_training_streams_a_large_training_split_from_its_cache(tmp_path, monkeypatch):
   monkeypatch.setattr(pipeline, 'IN_MEMORY_BYTES', 0)  # every training split counts as large
   config = small_config('gaussian', 'none', num_epochs=1)
   config.data = data_config('images', path=str(write_images(tmp_path / 'x', 150, size=(8, 8))))
   config.train.batch_size = 32
   splits = data.load(config.data, config.seed)
-  assert isinstance(splits.train, pipeline.Source) and isinstance(splits.test, np.ndarray)
+  assert isinstance(splits.train, pipeline.Cached) and isinstance(splits.test, np.ndarray)
+  assert isinstance(pipeline.to_device(splits.train).records, jax.Array)  # the cache fits
   metrics = train.train_and_evaluate(config, tmp_path / 'run')
   assert np.isfinite(metrics['loss']) and metrics['best_epoch'] == 1
 
@@ -173,3 +185,103 @@ def test_negative_data_sizes_are_refused(key):
   config.data[key] = -1
   with pytest.raises(UserError, match=f'config.data.{key}=-1 is not allowed'):
     config_lib.validate(config)
+
+
+def counting_decodes(monkeypatch):
+  """A list that gets the path of every image file decoded from now on."""
+  decoded, decode = [], images.decode
+  monkeypatch.setattr(images, 'decode', lambda path, **kw: decoded.append(path) or decode(path, **kw))
+  return decoded
+
+
+def test_a_streamed_set_is_decoded_once_into_its_cache(tmp_path, cache_folder, monkeypatch):
+  config = data_config('images', path=str(write_images(tmp_path, 30, size=(20, 24))), crop_size=16,
+                       image_size=8)
+  decoded = counting_decodes(monkeypatch)
+  first = data.load(config, seed=0)
+  [file] = cache_folder.iterdir()
+  assert len(decoded) == 30 and file.name.startswith('images-30x8x8x3-')
+  written = file.stat().st_mtime_ns
+  second = data.load(config, seed=0)
+  assert len(decoded) == 30 and file.stat().st_mtime_ns == written
+  for a, b in zip(first, second):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_the_cache_name_changes_with_what_made_it(tmp_path):
+  folder = write_images(tmp_path, 5)
+  name = lambda crop=0, size=0, dataset='images': cache.path(
+      images.source(sorted(folder.iterdir()), crop, size), dataset, '').name
+  before = name()
+  assert len({before, name(crop=16), name(size=8), name(dataset='cifar10')}) == 4
+  os.utime(folder / '003.png', ns=(0, 0))  # the same bytes, another mtime: a changed file
+  changed = name()
+  Image.new('RGB', (24, 20)).save(folder / 'extra.png')  # another file
+  assert len({before, changed, name()}) == 3 and name() == name()
+
+
+def test_an_interrupted_or_damaged_cache_is_never_used(tmp_path, cache_folder, monkeypatch):
+  config = data_config('images', path=str(write_images(tmp_path, 20)))
+  decode = images.decode
+  def fail_at_the_last_file(path, **kw):
+    if path.endswith('019.png'):
+      raise RuntimeError('interrupted')
+    return decode(path, **kw)
+  monkeypatch.setattr(images, 'decode', fail_at_the_last_file)
+  with pytest.raises(RuntimeError, match='interrupted'):
+    data.load(config, seed=0)
+  assert not list(cache_folder.iterdir())
+  monkeypatch.setattr(images, 'decode', decode)
+  decoded = counting_decodes(monkeypatch)
+  whole = data.load(config, seed=0)
+  [file] = cache_folder.iterdir()
+  with open(file, 'r+b') as f:  # damaged: cut short
+    f.truncate(file.stat().st_size // 2)
+  killed = cache.partial_path(file, 2**22 + 1)  # what a killed build left; no pid is that large
+  running = cache.partial_path(file, os.getppid())  # another build, still running
+  killed.touch()
+  running.touch()
+  again = data.load(config, seed=0)
+  assert len(decoded) == 40 and sorted(cache_folder.iterdir()) == sorted([file, running])
+  for a, b in zip(whole, again):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize('problem', ['disk full', 'no folder'])
+def test_a_cache_that_cannot_be_written_is_refused_in_one_line(tmp_path, monkeypatch, problem):
+  config = data_config('images', path=str(write_images(tmp_path / 'x', 20)),
+                       cache_dir=str(tmp_path / 'cache'))
+  if problem == 'disk full':
+    monkeypatch.setattr(cache.shutil, 'disk_usage', lambda path: types.SimpleNamespace(free=10**4))
+    expected = (f'the decoded cache of images needs 0.00 GB in {tmp_path / "cache"}, which has '
+                '0.00 GB free: free space there, set data.cache_dir to a folder with room, or to '
+                'none to decode images every epoch')
+  else:
+    (tmp_path / 'cache').write_text('a file, not a folder')
+    config.cache_dir = str(tmp_path / 'cache' / 'sub')
+    expected = f"data.cache_dir='{config.cache_dir}': the cache folder"
+  with pytest.raises(UserError, match=re.escape(expected)) as error:
+    data.load(config, seed=0)
+  assert '\n' not in str(error.value)
+  config.cache_dir = 'none'  # no cache: decoded every time
+  assert isinstance(data.load(config, seed=0).train, np.ndarray)
+
+
+@pytest.mark.parametrize('name', ['images', 'celeb_a'])
+def test_batches_from_the_cache_are_the_batches_decoded_from_the_source(tmp_path, monkeypatch, name):
+  monkeypatch.setattr(pipeline, 'IN_MEMORY_BYTES', 0)  # the training split streams
+  monkeypatch.setitem(data.DATASETS, 'celeb_a', data.DATASETS['celeb_a']._replace(system_path=''))
+  monkeypatch.setattr(tfds_source, 'reachable', lambda urls: True)
+  path = str(write_images(tmp_path, 40)) if name == 'images' else ''
+  with tfds.testing.mock_data(num_examples=40):
+    cached, decoded = (data.load(data_config(name, path=path, cache_dir=where), seed=0)
+                       for where in ('', 'none'))
+    assert isinstance(cached.train, pipeline.Cached) and not isinstance(decoded.train, pipeline.Cached)
+    order = pipeline.epoch_order(0, 1, len(decoded.train), 8)
+    expected = [np.asarray(batch) for batch in pipeline.batches(decoded.train, order)]
+    for budget in (0, float('inf')):  # read on the host from the memory map; gathered on the device
+      batches = pipeline.batches(pipeline.to_device(cached.train, budget), order)
+      for got, want in zip(batches, expected, strict=True):
+        assert got.dtype == np.float32 and np.array_equal(np.asarray(got), want)
+  for got, want in zip(cached[1:], decoded[1:]):  # validation and test, in memory
+    assert np.array_equal(got, want)

@@ -1,5 +1,6 @@
-"""The fast forms in models/layers.py compute what the plain flax layers compute."""
+"""Fast forms (models/layers.py, masks.py) compute what plain forms do; the CPU convolution flag."""
 import functools
+import os
 
 import flax.linen as nn
 import jax
@@ -7,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import mtvae_jax
+from mtvae_jax import masks
 from mtvae_jax import models
 from mtvae_jax.models import layers
 
@@ -15,6 +18,12 @@ def plain_up(features, kernel):
   """`up` as flax's lhs-dilated transposed convolution."""
   padding = layers.up_padding(kernel)
   return nn.ConvTranspose(features, (kernel, kernel), strides=(2, 2), padding=(padding, padding))
+
+
+def plain_conv(features, kernel, stride=1, use_bias=True):
+  """layers.Conv as flax's convolution."""
+  return nn.Conv(features, (kernel, kernel), strides=stride, padding=(kernel - 1) // 2,
+                 use_bias=use_bias)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -28,27 +37,55 @@ def _close(a, b):
   np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('kernel', [3, 4])
-def test_up_has_the_parameters_outputs_and_gradients_of_flax_conv_transpose(kernel):
-  x = jax.random.normal(jax.random.key(0), (3, 5, 6, 4))
-  fast, plain = layers.up(7, kernel), plain_up(7, kernel)
+def _assert_same_layer(fast, plain, x, out_shape):
+  """Same initial variables, outputs and gradients (for the variables and x)."""
   variables = fast.init(jax.random.key(1), x)
   jax.tree.map(_close, variables, plain.init(jax.random.key(1), x))
   variables = jax.tree.map(lambda v: v + 0.1, variables)  # a nonzero bias too
-  cotangent = jax.random.normal(jax.random.key(2), (3, 10, 12, 7))
+  cotangent = jax.random.normal(jax.random.key(2), out_shape)
   out_fast, grads_fast = output_and_grads(fast, variables, x, cotangent)
   out_plain, grads_plain = output_and_grads(plain, variables, x, cotangent)
-  assert out_fast.shape == (3, 10, 12, 7)
+  assert out_fast.shape == out_shape
   _close(out_fast, out_plain)
   jax.tree.map(_close, grads_fast, grads_plain)
 
 
+@pytest.mark.parametrize('kernel,features', [(3, 7), (4, 7), (4, 3)])  # by phases / lhs-dilated
+def test_up_has_the_parameters_outputs_and_gradients_of_flax_conv_transpose(kernel, features):
+  x = jax.random.normal(jax.random.key(0), (3, 5, 6, 4))
+  _assert_same_layer(layers.up(features, kernel), plain_up(features, kernel), x,
+                     (3, 10, 12, features))
+
+
+@pytest.mark.parametrize('kernel,stride,use_bias', [(3, 2, True), (4, 2, True), (3, 1, True),
+                                                    (1, 1, False), (3, 1, False)])
+def test_conv_has_the_parameters_outputs_and_gradients_of_flax_conv(kernel, stride, use_bias):
+  x = jax.random.normal(jax.random.key(0), (3, 6, 8, 4))
+  _assert_same_layer(layers.Conv(7, kernel, stride, use_bias),
+                     plain_conv(7, kernel, stride, use_bias), x, (3, 6 // stride, 8 // stride, 7))
+
+
+def test_strided_conv_refuses_odd_sides():
+  with pytest.raises(ValueError, match='even sides'):
+    layers.conv(jnp.zeros((1, 5, 6, 2)), jnp.zeros((3, 3, 2, 4)), stride=2)
+
+
+def _use_plain_layers(monkeypatch):
+  monkeypatch.setattr(layers, 'up', plain_up)
+  monkeypatch.setattr(layers, 'Conv', plain_conv)
+
+
+def _model_inputs(shape):
+  x = jax.random.uniform(jax.random.key(0), (4, *shape))
+  mask = (jax.random.uniform(jax.random.key(3), (4, *shape[:2], 1)) < 0.3).astype(jnp.float32)
+  return x, {'recon': None, 'recon_cond': jnp.concatenate([mask, mask * x], axis=-1)}
+
+
 @pytest.mark.parametrize('model_name', ['gaussian', 'vq'])
-def test_models_keep_the_parameter_tree_of_flax_conv_transpose(make_config, model_name, monkeypatch):
+def test_models_keep_the_parameter_tree_of_flax_layers(make_config, model_name, monkeypatch):
   config = make_config(model_name, 'multi')
   shape = (10, 10, 1)
-  x = jnp.zeros((2, *shape))
-  conds = {'recon': None, 'recon_cond': jnp.zeros((2, *shape[:2], 2))}
+  x, conds = _model_inputs(shape)
 
   def param_shapes():
     model = models.build_model(config, shape)
@@ -58,6 +95,72 @@ def test_models_keep_the_parameter_tree_of_flax_conv_transpose(make_config, mode
             for path, leaf in jax.tree_util.tree_leaves_with_path(variables)}
 
   fast = param_shapes()
-  monkeypatch.setattr(layers, 'up', plain_up)
+  _use_plain_layers(monkeypatch)
   assert fast == param_shapes()
-  assert any('ConvTranspose_0' in path for path in fast)
+  assert any('ConvTranspose_0' in path for path in fast) and any('Conv_0' in path for path in fast)
+
+
+@pytest.mark.parametrize('model_name,shape', [('gaussian', (10, 10, 1)), ('vq', (12, 12, 3))])
+def test_models_compute_the_loss_and_gradients_of_flax_layers(make_config, model_name, shape,
+                                                             monkeypatch):
+  config = make_config(model_name, 'multi')
+  x, conds = _model_inputs(shape)
+
+  def loss_and_grads():
+    model = models.build_model(config, shape)
+    variables = jax.jit(functools.partial(model.init, train=False))(
+        jax.random.key(1), x, conds, jax.random.key(2))
+
+    def loss(params):
+      (outputs, terms), _ = model.apply({**variables, 'params': params}, x, conds,
+                                        jax.random.key(4), train=True, mutable=['batch_stats'])
+      return sum(jnp.mean(t) for t in terms.values()) + sum(
+          jnp.mean(jnp.square(out - x)) for out in outputs.values())
+
+    return jax.jit(jax.value_and_grad(loss))(variables['params'])
+
+  fast = loss_and_grads()
+  _use_plain_layers(monkeypatch)
+  plain = loss_and_grads()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fast, plain)
+
+
+def test_rank_below_is_the_mask_of_two_argsorts_ties_included():
+  rng = np.random.default_rng(0)
+  for scores in (rng.integers(0, 6, (50, 40)) / 8, rng.random((50, 40), np.float32)):  # ties / none
+    scores = jnp.asarray(scores, jnp.float32)
+    ks = jnp.asarray(rng.integers(0, 46, 50))  # 0, some, all and more than all pixels
+    expected = jnp.argsort(jnp.argsort(scores, axis=1), axis=1) < ks[:, None]
+    np.testing.assert_array_equal(jax.jit(jax.vmap(masks.rank_below))(scores, ks), expected)
+
+
+@pytest.mark.parametrize('before,after', [
+    (None, mtvae_jax.CPU_CONVOLUTION_FLAG),
+    ('--xla_force_host_platform_device_count=4',
+     f'--xla_force_host_platform_device_count=4 {mtvae_jax.CPU_CONVOLUTION_FLAG}'),
+    ('--xla_cpu_experimental_ynn_fusion_type=', '--xla_cpu_experimental_ynn_fusion_type='),
+])
+def test_import_adds_the_cpu_convolution_flag_unless_xla_flags_names_it(before, after, monkeypatch):
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: False)
+  if before is None:
+    monkeypatch.delenv('XLA_FLAGS', raising=False)
+  else:
+    monkeypatch.setenv('XLA_FLAGS', before)
+  assert mtvae_jax.use_fast_cpu_convolutions() == (before != after)
+  assert os.environ['XLA_FLAGS'] == after
+
+
+def test_the_flag_is_left_out_once_a_backend_runs(monkeypatch):
+  from jax._src import xla_bridge  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(xla_bridge, 'backends_are_initialized', lambda: True)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  assert not mtvae_jax.use_fast_cpu_convolutions() and 'XLA_FLAGS' not in os.environ
+
+
+@pytest.mark.skipif(mtvae_jax.CPU_CONVOLUTION_FLAG not in os.environ.get('XLA_FLAGS', ''),
+                    reason='XLA_FLAGS chose the CPU convolutions')
+def test_cpu_convolutions_run_outside_ynnpack():
+  conv = jax.jit(functools.partial(layers.conv, stride=1)).lower(
+      jnp.zeros((128, 8, 8, 256)), jnp.zeros((3, 3, 256, 256))).compile().as_text()
+  assert 'convolution(' in conv and '__ynn_fusion' not in conv

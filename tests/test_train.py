@@ -93,7 +93,11 @@ def test_workdir_of_another_config_is_refused_and_kept(make_config, tmp_path):
   with pytest.raises(UserError, match='another config.*train.num_epochs'):
     train.train_and_evaluate(other, tmp_path)
   assert (tmp_path / 'metrics.json').read_text() == before
-  # the same config again returns the finished run's metrics without retraining
+  # the same config again returns the finished run's metrics without retraining, also when
+  # only keys of where and how it runs differ
+  assert train.train_and_evaluate(config, tmp_path) == json.loads(before)
+  config.distributed.process_id = 0
+  config.data.update(cache_dir='none', num_workers=0)
   assert train.train_and_evaluate(config, tmp_path) == json.loads(before)
 
 
@@ -122,3 +126,15 @@ def test_bad_fold_settings_are_refused(make_config, num_folds, fold, message):
   config.data.num_folds, config.data.fold = num_folds, fold
   with pytest.raises(UserError, match=message):
     data.load(config.data, config.seed)
+
+
+def test_a_run_written_before_a_config_key_existed_loads_with_its_default(make_config, tmp_path):
+  config = make_config('gaussian', 'single')
+  config.train.batch_size = 32
+  stored = json.loads(config.to_json_best_effort())
+  del stored['distributed']
+  (tmp_path / 'config.json').write_text(json.dumps(stored))
+  (tmp_path / 'metrics.json').write_text('{}')
+  loaded = train.load_config(tmp_path)
+  assert loaded.train.batch_size == 32 and loaded.method == 'single'
+  assert loaded.distributed == config.distributed

@@ -1,12 +1,15 @@
 """Data set registry: config.data.name -> a loader of NHWC splits in [0, 1].
 
 A loader takes the `data` config section and a seed and returns `Splits`
-of float32 arrays or of `pipeline.Source`s (decoded on demand); `load` reads
-them into memory but for a large training split, which then streams. Adding
-a data set is one entry in DATASETS.
+of float32 arrays or of `pipeline.Source`s (decoded on demand); `load` decodes
+each Source once into a uint8 cache file (`cache`), then reads the splits
+into memory but for a large training split, which then streams from the
+cache (`pipeline.to_device` puts that cache on the device when it fits).
+Adding a data set is one entry in DATASETS.
 """
 import functools
 
+from mtvae_jax.data import cache
 from mtvae_jax.data import digits
 from mtvae_jax.data import idx
 from mtvae_jax.data import images
@@ -36,7 +39,10 @@ DATASETS = {
 
 def load(data_config, seed):
   """Splits of the data set that data_config.name names, deterministic by seed."""
-  train, validation, test = DATASETS[data_config.name](data_config, seed)
+  # Sources decoded once into a cache file (unless data.cache_dir is 'none'), then read from it.
+  train, validation, test = (
+      cache.cached(split, data_config.name, data_config.cache_dir, data_config.num_workers)
+      for split in DATASETS[data_config.name](data_config, seed))
   # Only a large training split streams; validation and test are a small share, in memory.
   read = functools.partial(pipeline.in_memory, num_workers=data_config.num_workers)
   return Splits(read(train, max_bytes=pipeline.IN_MEMORY_BYTES), read(validation), read(test))

@@ -8,11 +8,13 @@ to data.image_size x data.image_size (0: no resize); all must end up the same
 size. The files are checked up front (headers only) and decoded on demand.
 """
 import functools
+import os
 import pathlib
 
 import numpy as np
 from PIL import Image
 
+from mtvae_jax.data import cache
 from mtvae_jax.data import pipeline
 from mtvae_jax.data import splits
 from mtvae_jax.errors import UserError
@@ -59,6 +61,12 @@ def _output_shape(path, crop, size):
   return (side or height, side or width, CHANNELS[mode])
 
 
+def _stamp(path):
+  """(absolute path, bytes, mtime in ns): what says that a file changed, for the cache's name."""
+  stat = os.stat(path)
+  return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
 def source(files, crop, size):
   """A pipeline.Source over image files, all checked to decode to one shape."""
   shape = _output_shape(files[0], crop, size)
@@ -67,8 +75,9 @@ def source(files, crop, size):
     if other != shape:
       raise UserError(f'data file {path} gives a {other} image, {files[0]} a {shape} one: '
                       'use images of one size and type, or set data.crop_size / data.image_size')
+  identity = cache.digest('files', [_stamp(p) for p in files], crop, size)
   return pipeline.Source([str(p) for p in files], functools.partial(decode, crop=crop, size=size),
-                         shape)
+                         shape, identity)
 
 
 def _files(folder):

@@ -15,6 +15,7 @@ from PIL import Image
 import requests
 import tensorflow_datasets as tfds
 
+from mtvae_jax.data import cache
 from mtvae_jax.data import images
 from mtvae_jax.data import pipeline
 from mtvae_jax.data import splits
@@ -45,9 +46,15 @@ class TfdsSet(NamedTuple):
       return self.local(local_config, seed)
     train, test = (pipeline.Source(records, functools.partial(decode, crop=self.crop,
                                                               size=self.image_shape[0]),
-                                   self.image_shape)
+                                   self.image_shape, identity(records, self.crop))
                    for records in open_splits(self, data_config.tfds_data_dir))
     return splits.split(train, test, data_config, seed)
+
+
+def identity(records, crop):
+  """What a tfds data source's images are: builder name and version, data dir, split, crop."""
+  info = records.dataset_info
+  return cache.digest('tfds', info.full_name, str(info.data_dir), str(records.split), crop)
 
 
 def decode(record, crop, size):

@@ -34,7 +34,7 @@ class Decoder(nn.Module):
     h = layers.merge_condition(z, m, (*self.start, self.hidden_sizes[-1]))
     for features in (*reversed(self.hidden_sizes[:-1]), self.hidden_sizes[0]):
       h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 3)(h)))
-    return nn.sigmoid(nn.Conv(self.out_channels, (3, 3), padding=1)(h))
+    return nn.sigmoid(layers.Conv(self.out_channels, 3)(h))
 
 
 class GaussianVAE(base.MultitaskAutoencoder):

@@ -27,7 +27,7 @@ def batch_norm(train):
 
 def down(features, kernel):
   """Stride-2 convolution: (B, 2h, 2w, c) -> (B, h, w, features)."""
-  return nn.Conv(features, (kernel, kernel), strides=2, padding=1)
+  return Conv(features, kernel, stride=2)
 
 
 def up(features, kernel):
@@ -76,13 +76,128 @@ def conv_transpose_by_phases(x, kernel):
   return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
 
 
+def adjoint_kernel(kernel):
+  """(k, k, c, f) -> (k, k, f, c), spatially reversed: the kernel of the adjoint convolution."""
+  return jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+
+
+def _conv_down(x, kernel):
+  """Stride-2 convolution, padding 1 (`down`): (B, 2h, 2w, c), (k, k, c, f) -> (B, h, w, f)."""
+  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+
+
+def _conv_down_kernel_grad(x, cotangent, kernel_shape):
+  """d<_conv_down(x, K), cotangent>/dK (k, k, c, f); x: (B, 2h, 2w, c), cotangent: (B, h, w, f)."""
+  kernel = jax.ShapeDtypeStruct(kernel_shape, x.dtype)
+  return jax.linear_transpose(functools.partial(_conv_down, x), kernel)(cotangent)[0]
+
+
+@jax.custom_vjp
+def conv_down(x, kernel):
+  """`down`'s convolution, (B, 2h, 2w, c), (k, k, c, f) -> (B, h, w, f), with a fast input gradient.
+
+  The input gradient of a stride-2 convolution is `up`'s transposed
+  convolution of the output gradient with adjoint_kernel(K) (the same
+  paddings), which XLA would run lhs-dilated; here it runs by phases.
+  Sides must be even, as the models' padded inputs are.
+  """
+  if x.shape[1] % 2 or x.shape[2] % 2:
+    raise ValueError(f'conv_down needs even sides, got {x.shape}')
+  return _conv_down(x, kernel)
+
+
+def _conv_down_fwd(x, kernel):
+  return conv_down(x, kernel), (x, kernel)
+
+
+def _conv_down_bwd(residuals, cotangent):
+  x, kernel = residuals
+  return (conv_transpose_by_phases(cotangent, adjoint_kernel(kernel)),
+          _conv_down_kernel_grad(x, cotangent, kernel.shape))
+
+
+conv_down.defvjp(_conv_down_fwd, _conv_down_bwd)
+
+
+@jax.custom_vjp
+def conv_up(x, kernel):
+  """`up`'s transposed convolution, (B, h, w, c), (k, k, c, f) -> (B, 2h, 2w, f).
+
+  By phases, except for an image's few channels (f <= 4): XLA's CPU
+  convolutions then run the lhs-dilated form 4x faster than four phases of
+  so few output channels. It is the adjoint of conv_down(., adjoint_kernel(K)),
+  so its input gradient is that stride-2 convolution of the output
+  gradient, and its kernel gradient is conv_down's kernel gradient with
+  input and cotangent swapped; autodiff of the phases would run one slow
+  kernel-gradient convolution per phase instead.
+  """
+  if kernel.shape[-1] <= 4:
+    padding = up_padding(kernel.shape[0])
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), (padding, padding), lhs_dilation=(2, 2),
+                                        dimension_numbers=_NHWC)
+  return conv_transpose_by_phases(x, kernel)
+
+
+def _conv_up_fwd(x, kernel):
+  return conv_up(x, kernel), (x, kernel)
+
+
+def _conv_up_bwd(residuals, cotangent):
+  x, kernel = residuals
+  adjoint = adjoint_kernel(kernel)
+  return (_conv_down(cotangent, adjoint),
+          adjoint_kernel(_conv_down_kernel_grad(cotangent, x, adjoint.shape)))
+
+
+conv_up.defvjp(_conv_up_fwd, _conv_up_bwd)
+
+
+def conv(x, kernel, stride=1):
+  """The models' convolutions, stride 1 or 2, padding (k - 1) // 2.
+
+  x: (B, H, W, c), kernel: (k, k, c, f) -> (B, H / stride, W / stride, f).
+
+  1x1 kernels run as a matrix product (XLA's kernel gradient of a 1x1
+  convolution is several times slower than the product's), stride 2 as
+  conv_down.
+  """
+  if kernel.shape[0] == 1 and stride == 1:
+    return x @ kernel[0, 0]
+  if stride == 2:
+    return conv_down(x, kernel)
+  padding = (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding),) * 2,
+                                      dimension_numbers=_NHWC)
+
+
+class Conv(nn.Module):
+  """nn.Conv(features, (k, k), strides=stride, padding=(k - 1) // 2), computed by `conv`.
+
+  The same parameters, initialisers and class name as nn.Conv, so parameter
+  paths stay Conv_<i>.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  use_bias: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
+    y = conv(x, self.param('kernel', nn.initializers.lecun_normal(), shape), self.stride)
+    if self.use_bias:
+      y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    return y
+
+
 class ConvTranspose(nn.Module):
-  """nn.ConvTranspose(features, (k, k), strides=2, padding=up_padding(k)), computed by phases.
+  """nn.ConvTranspose(features, (k, k), strides=2, padding=up_padding(k)), computed by conv_up.
 
   The same parameters (kernel (k, k, c, features), bias) and initialisers as
   nn.ConvTranspose, and the same class name, so parameter paths stay
-  ConvTranspose_<i>. XLA's CPU backend runs lhs-dilated convolutions and
-  their gradients an order of magnitude slower than plain ones.
+  ConvTranspose_<i>. XLA's CPU backend runs lhs-dilated convolutions of
+  many output channels, and their gradients, several times slower than
+  plain ones.
   """
   features: int
   kernel_size: int
@@ -92,7 +207,7 @@ class ConvTranspose(nn.Module):
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    return conv_transpose_by_phases(x, kernel) + bias
+    return conv_up(x, kernel) + bias
 
 
 class ResidualLayer(nn.Module):
@@ -100,8 +215,8 @@ class ResidualLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(nn.Conv(x.shape[-1], (3, 3), padding=1, use_bias=False)(x))
-    return x + nn.Conv(x.shape[-1], (1, 1), use_bias=False)(h)
+    h = nn.relu(Conv(x.shape[-1], 3, use_bias=False)(x))
+    return x + Conv(x.shape[-1], 1, use_bias=False)(h)
 
 
 def merge_condition(z, m, shape):

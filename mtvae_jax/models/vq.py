@@ -20,11 +20,11 @@ class Encoder(nn.Module):
   def __call__(self, x, *, train):
     for features in self.hidden_sizes:
       x = layers.leaky_relu(layers.batch_norm(train)(layers.down(features, 4)(x)))
-    x = layers.leaky_relu(nn.Conv(self.hidden_sizes[-1], (3, 3), padding=1)(x))
+    x = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(x))
     for _ in range(self.num_residual_layers):
       x = layers.ResidualLayer()(x)
     x = layers.leaky_relu(x)
-    return layers.leaky_relu(nn.Conv(self.embedding_dim, (1, 1))(x))
+    return layers.leaky_relu(layers.Conv(self.embedding_dim, 1)(x))
 
 
 class VectorQuantizer(nn.Module):
@@ -68,7 +68,7 @@ class Decoder(nn.Module):
   @nn.compact
   def __call__(self, z_q, m=None, *, train):
     h = z_q if m is None else layers.merge_condition(z_q, m, z_q.shape[1:])
-    h = layers.leaky_relu(nn.Conv(self.hidden_sizes[-1], (3, 3), padding=1)(h))
+    h = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(h))
     for _ in range(self.num_residual_layers):
       h = layers.ResidualLayer()(h)
     h = layers.leaky_relu(h)

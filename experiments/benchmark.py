@@ -2,13 +2,14 @@
 
 Times one jitted train step of mtvae_jax against the same step in PyTorch
 (experiments/torch_reference.py; eager, and torch.compile with
---torch_compile) on the same machine in the same run: Gaussian
+--torch_compile) on the same machine in the same run, on the GPU when JAX
+runs on one and PyTorch sees CUDA: Gaussian
 configuration 1 and VQ configuration 2, methods none / multi / single, on
 28x28x1 and 32x32x3 images. The steps of the two frameworks alternate and
 each figure is the median over --steps, so a load that comes and goes hits
 both alike. Also reported: the JAX step's compile time from an empty
 persistent compilation cache (cold) and from a filled one (cached), and the
-peak memory of each framework's step. The JAX step runs with the XLA_FLAGS
+peak host memory of each framework's step. The JAX step runs with the XLA_FLAGS
 that `import mtvae_jax` sets (its CPU convolution flag; the first line of
 output shows them). Mistakes in flags end the program with one line and exit
 status 2.
@@ -115,17 +116,21 @@ class JaxStep:
 
 
 class TorchStep:
-  """The PyTorch reference's train step on one fixed batch."""
+  """The PyTorch reference's train step on one fixed batch, on the GPU where JAX runs on one."""
 
   def __init__(self, config, shape, batch_size, compile=False):  # pylint: disable=redefined-builtin
     import torch  # pylint: disable=import-outside-toplevel
     from experiments import torch_reference  # pylint: disable=import-outside-toplevel
     torch.manual_seed(0)
-    self.step = torch_reference.TrainStep(config, shape, compile=compile)
-    self.images = torch.rand(batch_size, shape[2], shape[0], shape[1])
+    self.torch = torch
+    self.device = 'cuda' if jax.default_backend() == 'gpu' and torch.cuda.is_available() else 'cpu'
+    self.step = torch_reference.TrainStep(config, shape, compile=compile, device=self.device)
+    self.images = torch.rand(batch_size, shape[2], shape[0], shape[1], device=self.device)
 
   def __call__(self):
     self.step(self.images)
+    if self.device == 'cuda':
+      self.torch.cuda.synchronize()
 
 
 def median_seconds(runs, steps):
@@ -166,7 +171,7 @@ def run_case(name, steps, warmup, batch_size, use_torch, torch_compile):
   return result
 
 
-def machine():
+def machine(torch_version=None):
   cpu = platform.processor()
   cpuinfo = pathlib.Path('/proc/cpuinfo')
   if cpuinfo.exists():
@@ -174,7 +179,8 @@ def machine():
                 if line.startswith('model name')), cpu)
   load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
   return (f'{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].device_kind}; '
-          f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average {load}')
+          + (f'torch {torch_version}; ' if torch_version else '')
+          + f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average {load}')
 
 
 def table(results):
@@ -220,7 +226,7 @@ def main(argv):
     torch.set_num_threads(os.cpu_count())
   # A fresh persistent cache, so that the first compile of each case is a cold one.
   jax.config.update('jax_compilation_cache_dir', tempfile.mkdtemp(prefix='mtvae_jax_bench_'))
-  print(machine(), flush=True)
+  print(machine(torch.__version__ if _TORCH.value else None), flush=True)
   results = []
   for name in names:
     results.append(run_case(name, _STEPS.value, _WARMUP.value, _BATCH_SIZE.value,

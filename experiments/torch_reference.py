@@ -245,19 +245,19 @@ class VQVAE(_Autoencoder):
 MODELS = {'gaussian': GaussianVAE, 'vq': VQVAE}
 
 
-def batch_masks(mask_config, shape, count=None):
+def batch_masks(mask_config, shape, count=None, device=None):
   """(B, 1, H, W) training masks for shape (B, H, W) as masks.batch_masks draws them."""
   batch, height, width = shape
   pixels = height * width
   if (count or mask_config.count) == 'power_law':
-    u = torch.rand(batch) ** (1.0 / mask_config.power_law_exponent)
+    u = torch.rand(batch, device=device) ** (1.0 / mask_config.power_law_exponent)
     k = torch.floor(pixels * (1.0 - u))
   else:
-    k = torch.full((batch,), float(mask_config.num_pixels))
+    k = torch.full((batch,), float(mask_config.num_pixels), device=device)
   if mask_config.sampling == 'exact':
-    ranks = torch.from_numpy(masks.bayer_ranks(height, width)).view(1, pixels)
+    ranks = torch.from_numpy(masks.bayer_ranks(height, width)).view(1, pixels).to(device)
   elif mask_config.sampling == 'uniform':
-    ranks = torch.rand(batch, pixels).argsort(1).argsort(1)
+    ranks = torch.rand(batch, pixels, device=device).argsort(1).argsort(1)
   else:
     raise ValueError(f'mask.sampling={mask_config.sampling!r} has no torch twin: use exact or uniform')
   return (ranks < k[:, None]).float().view(batch, 1, height, width)
@@ -267,7 +267,7 @@ def train_conds(config, images):
   """train.train_conds: {term name: m (B, 1 + C, H, W) or None}."""
   if config.method == 'none':
     return {'recon': None}
-  mask = batch_masks(config.mask, (images.shape[0], *images.shape[2:]))
+  mask = batch_masks(config.mask, (images.shape[0], *images.shape[2:]), device=images.device)
   m = torch.cat([mask, mask * images], dim=1)
   return {'recon': m} if config.method == 'single' else {'recon': None, 'recon_cond': m}
 
@@ -292,9 +292,9 @@ class TrainStep:
   and the optimizer stay eager.
   """
 
-  def __init__(self, config, image_shape, compile=False):  # pylint: disable=redefined-builtin
+  def __init__(self, config, image_shape, compile=False, device='cpu'):  # pylint: disable=redefined-builtin
     self.config = config
-    self.model = MODELS[config.model](config, image_shape).train()
+    self.model = MODELS[config.model](config, image_shape).train().to(device)
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.learning_rate,
                                        weight_decay=config.train.weight_decay, eps=1e-8)
     loss = lambda images: weighted_loss(config, loss_terms(self.model, config, images))

@@ -65,3 +65,17 @@ def test_straight_through_gradient_reaching_z_e_equals_gradient_at_z_q():
   distances = ((np.asarray(z_e)[..., None, :] - np.asarray(codebook)) ** 2).sum(-1)
   np.testing.assert_array_equal(codes, distances.argmin(-1))
   np.testing.assert_allclose(z_q, np.asarray(codebook)[distances.argmin(-1)])
+
+
+def test_codebook_lookup_is_exact_and_its_gradient_sums_each_codes_positions():
+  quantizer = vq.VectorQuantizer(num_embeddings=6, embedding_dim=4)
+  params = quantizer.init(jax.random.key(0), jnp.zeros((1, 4)))
+  codebook = np.asarray(params['params']['codebook'])
+  codes = jnp.array([[0, 5, 5], [2, 5, 0]])
+  weights = jax.random.normal(jax.random.key(1), (2, 3, 4))
+  lookup = lambda p: quantizer.apply(p, codes, method=quantizer.lookup)
+  np.testing.assert_array_equal(lookup(params), codebook[np.asarray(codes)])  # bit for bit
+  grad = jax.grad(lambda p: jnp.sum(lookup(p) * weights))(params)['params']['codebook']
+  expected = np.zeros_like(codebook)
+  np.add.at(expected, np.asarray(codes), np.asarray(weights))
+  np.testing.assert_allclose(grad, expected, rtol=1e-6)  # rows 1, 3, 4 unused: zero

@@ -45,8 +45,16 @@ class VectorQuantizer(nn.Module):
     return jnp.argmin(distances, axis=-1).astype(jnp.int32)
 
   def lookup(self, codes):
-    """(...) int -> (..., D) codebook vectors."""
-    return self.codebook[codes]
+    """(...) int -> (..., D) codebook vectors.
+
+    A one-hot matrix product rather than a gather: its codebook gradient is
+    a product too, where a gather's is a scatter-add of every position into
+    K rows, which took most of the VQ train step on a GPU (BENCHMARKS.md).
+    HIGHEST precision keeps the vectors exact where f32 products would
+    otherwise round to TF32.
+    """
+    one_hot = jax.nn.one_hot(codes, self.num_embeddings, dtype=self.codebook.dtype)
+    return jnp.dot(one_hot, self.codebook, precision=jax.lax.Precision.HIGHEST)
 
   def __call__(self, z_e):
     """Returns z_q with the gradient of z_e (straight-through), z_q itself, and codes."""

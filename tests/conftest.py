@@ -1,9 +1,12 @@
 """Shared fixtures: small networks on the embedded digits so every test compiles little."""
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
+import jax
 import pytest
 
 from mtvae_jax import config as config_lib
@@ -60,3 +63,29 @@ def device_env(devices=None):
     flag = f'--xla_force_host_platform_device_count={devices}'
     env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {flag}'.strip()
   return env
+
+
+def pytest_configure(config):
+  """One persistent compilation cache for the whole session, its workers and subprocesses.
+
+  Many tests compile the same small programs; each compiles once per session.
+  The controller makes the folder before xdist starts its workers, which
+  inherit the environment; it is removed at the end. A JAX_COMPILATION_CACHE_DIR
+  set by the user is kept (and not removed).
+  """
+  if not hasattr(config, 'workerinput') and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+    config.jax_cache_dir = tempfile.mkdtemp(prefix='mtvae_jax_test_compile_cache_')
+    os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jax_cache_dir,
+                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # jax read the environment when conftest imported it
+    jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
+    jax.config.update('jax_persistent_cache_min_compile_time_secs',
+                      float(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1)))
+    jax.config.update('jax_persistent_cache_min_entry_size_bytes',
+                      int(os.environ.get('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', 0)))
+
+
+def pytest_unconfigure(config):
+  if getattr(config, 'jax_cache_dir', None):
+    shutil.rmtree(config.jax_cache_dir, ignore_errors=True)

@@ -73,17 +73,16 @@ def pytest_configure(config):
   inherit the environment; it is removed at the end. A JAX_COMPILATION_CACHE_DIR
   set by the user is kept (and not removed).
   """
-  if not hasattr(config, 'workerinput') and 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-    config.jax_cache_dir = tempfile.mkdtemp(prefix='mtvae_jax_test_compile_cache_')
-    os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jax_cache_dir,
-                      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-                      JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
-  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:  # jax read the environment when conftest imported it
-    jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
-    jax.config.update('jax_persistent_cache_min_compile_time_secs',
-                      float(os.environ.get('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', 1)))
-    jax.config.update('jax_persistent_cache_min_entry_size_bytes',
-                      int(os.environ.get('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', 0)))
+  if hasattr(config, 'workerinput') or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+    return
+  config.jax_cache_dir = tempfile.mkdtemp(prefix='mtvae_jax_test_compile_cache_')
+  os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jax_cache_dir,
+                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+                    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES='0')
+  # jax read the environment when this file imported it; without xdist, this process runs tests.
+  jax.config.update('jax_compilation_cache_dir', config.jax_cache_dir)
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 
 
 def pytest_unconfigure(config):

@@ -6,8 +6,8 @@ import sys
 import numpy as np
 import pytest
 
-from compile_cache import environment
-from compile_cache import ROOT
+from conftest import device_env
+from conftest import ROOT
 from conftest import small_config
 from mtvae_jax import crossval
 from mtvae_jax.errors import UserError
@@ -20,9 +20,9 @@ FOLDS = [{'loss': 1.0, 'recon_loss': 0.5, 'kl_loss': 3.0, 'num_params': 100},
 
 
 @pytest.fixture(scope='module')
-def command(tmp_path_factory):
+def command():
   """Runs python -m experiments.<module> <args>."""
-  env = environment(tmp_path_factory.mktemp('jax_cache'))
+  env = device_env()
   return lambda module, *args: subprocess.run(
       [sys.executable, '-m', f'experiments.{module}', *args], cwd=ROOT, capture_output=True,
       text=True, timeout=600, env=env)

@@ -15,8 +15,8 @@ import nbformat
 import numpy as np
 import pytest
 
-from compile_cache import environment
-from compile_cache import ROOT
+from conftest import device_env
+from conftest import ROOT
 from conftest import small_config
 from mtvae_jax import evaluation
 from mtvae_jax.errors import UserError
@@ -39,8 +39,8 @@ def execute_notebook(workdir):
 
 
 @pytest.fixture(scope='module')
-def env(tmp_path_factory):
-  return environment(tmp_path_factory.mktemp('jax_cache'))
+def env():
+  return device_env()
 
 
 @pytest.fixture(scope='module')

@@ -1,6 +1,7 @@
 """Fast forms (models/layers.py, masks.py) compute what plain forms do; the CPU convolution flag."""
 import functools
 import os
+from typing import Callable
 
 import flax.linen as nn
 import jax
@@ -57,12 +58,43 @@ def test_up_has_the_parameters_outputs_and_gradients_of_flax_conv_transpose(kern
                      (3, 10, 12, features))
 
 
-@pytest.mark.parametrize('kernel,stride,use_bias', [(3, 2, True), (4, 2, True), (3, 1, True),
-                                                    (1, 1, False), (3, 1, False)])
-def test_conv_has_the_parameters_outputs_and_gradients_of_flax_conv(kernel, stride, use_bias):
+# features < 4 input channels: the stride-1 kernel gradient with swapped operands
+@pytest.mark.parametrize('kernel,stride,use_bias,features', [
+    (3, 2, True, 7), (4, 2, True, 7), (3, 1, True, 7), (3, 1, True, 3), (5, 1, False, 2),
+    (1, 1, False, 7), (3, 1, False, 7)])
+def test_conv_has_the_parameters_outputs_and_gradients_of_flax_conv(kernel, stride, use_bias,
+                                                                   features):
   x = jax.random.normal(jax.random.key(0), (3, 6, 8, 4))
-  _assert_same_layer(layers.Conv(7, kernel, stride, use_bias),
-                     plain_conv(7, kernel, stride, use_bias), x, (3, 6 // stride, 8 // stride, 7))
+  _assert_same_layer(layers.Conv(features, kernel, stride, use_bias),
+                     plain_conv(features, kernel, stride, use_bias), x,
+                     (3, 6 // stride, 8 // stride, features))
+
+
+def plain_dense(features):
+  """layers.Dense as flax's nn.Dense on the concatenated inputs (inside a compact method)."""
+  return lambda *inputs: nn.Dense(features)(jnp.concatenate(inputs, axis=-1))
+
+
+class DenseOfTwo(nn.Module):
+  dense: Callable
+
+  @nn.compact
+  def __call__(self, z, m):
+    return self.dense(6)(z, m)
+
+
+def test_dense_of_several_inputs_is_flax_dense_of_their_concatenation():
+  z = jax.random.normal(jax.random.key(0), (3, 5))
+  m = jax.random.normal(jax.random.key(1), (3, 9))
+  fast, plain = DenseOfTwo(layers.Dense), DenseOfTwo(plain_dense)
+  variables = plain.init(jax.random.key(2), z, m)
+  jax.tree.map(_close, fast.init(jax.random.key(2), z, m), variables)  # same tree and values
+  variables = jax.tree.map(lambda v: v + 0.1, variables)
+  cotangent = jax.random.normal(jax.random.key(3), (3, 6))
+  out_fast, vjp_fast = jax.vjp(fast.apply, variables, z, m)
+  out_plain, vjp_plain = jax.vjp(plain.apply, variables, z, m)
+  _close(out_fast, out_plain)
+  jax.tree.map(_close, vjp_fast(cotangent), vjp_plain(cotangent))  # m's gradient too
 
 
 def test_strided_conv_refuses_odd_sides():
@@ -73,6 +105,7 @@ def test_strided_conv_refuses_odd_sides():
 def _use_plain_layers(monkeypatch):
   monkeypatch.setattr(layers, 'up', plain_up)
   monkeypatch.setattr(layers, 'Conv', plain_conv)
+  monkeypatch.setattr(layers, 'Dense', plain_dense)
 
 
 def _model_inputs(shape):

@@ -152,6 +152,55 @@ def _conv_up_bwd(residuals, cotangent):
 conv_up.defvjp(_conv_up_fwd, _conv_up_bwd)
 
 
+# Dimension numbers of a kernel gradient taken with the roles of the two
+# operands swapped: the output gradient (B, H, W, f) is the input, read as f
+# images of B channels, and the layer input (B, H, W, c) is the window, read as
+# a kernel from B to c channels; the result is (k, k, c, f), spatially flipped.
+_SWAPPED = jax.lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1, 2),
+                                        out_spec=(3, 2, 0, 1))
+
+
+def _conv_same(x, kernel):
+  padding = (kernel.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding),) * 2,
+                                      dimension_numbers=_NHWC)
+
+
+@jax.custom_vjp
+def conv_same(x, kernel):
+  """Stride-1 convolution, padding (k - 1) // 2: (B, H, W, c), (k, k, c, f) -> (B, H', W', f).
+
+  Its gradients are XLA's, except the kernel gradient of a layer with more
+  input than output channels (an image layer, 32 -> 3): XLA's Eigen kernel
+  gradient first moves the batch axis of the layer input innermost, a slow
+  copy of the larger tensor; with the operands swapped (_SWAPPED) that copy
+  falls on the smaller output gradient, 3x faster for 32 -> 3 on 32x32.
+  """
+  return _conv_same(x, kernel)
+
+
+def _conv_same_fwd(x, kernel):
+  return conv_same(x, kernel), (x, kernel)
+
+
+def _conv_same_bwd(residuals, cotangent):
+  x, kernel = residuals
+  k = kernel.shape[0]
+  padding = ((k - 1 - (k - 1) // 2,) * 2,) * 2   # of the adjoint convolution
+  x_grad = jax.lax.conv_general_dilated(cotangent, adjoint_kernel(kernel), (1, 1), padding,
+                                        dimension_numbers=_NHWC)
+  if x.shape[-1] > kernel.shape[-1]:
+    kernel_grad = jnp.flip(jax.lax.conv_general_dilated(
+        cotangent, x, (1, 1), padding, dimension_numbers=_SWAPPED), (0, 1))
+  else:
+    kernel_grad = jax.linear_transpose(
+        functools.partial(_conv_same, x), jax.ShapeDtypeStruct(kernel.shape, x.dtype))(cotangent)[0]
+  return x_grad, kernel_grad
+
+
+conv_same.defvjp(_conv_same_fwd, _conv_same_bwd)
+
+
 def conv(x, kernel, stride=1):
   """The models' convolutions, stride 1 or 2, padding (k - 1) // 2.
 
@@ -159,15 +208,13 @@ def conv(x, kernel, stride=1):
 
   1x1 kernels run as a matrix product (XLA's kernel gradient of a 1x1
   convolution is several times slower than the product's), stride 2 as
-  conv_down.
+  conv_down, stride 1 as conv_same.
   """
   if kernel.shape[0] == 1 and stride == 1:
     return x @ kernel[0, 0]
   if stride == 2:
     return conv_down(x, kernel)
-  padding = (kernel.shape[0] - 1) // 2
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding),) * 2,
-                                      dimension_numbers=_NHWC)
+  return conv_same(x, kernel)
 
 
 class Conv(nn.Module):
@@ -219,6 +266,27 @@ class ResidualLayer(nn.Module):
     return x + Conv(x.shape[-1], 1, use_bias=False)(h)
 
 
+class Dense(nn.Module):
+  """nn.Dense applied to the concatenation of its inputs, one product per input.
+
+  inputs: arrays (B, n_i) -> (B, features). The same parameters (kernel
+  (sum n_i, features), bias), initialisers and class name as nn.Dense, so
+  parameter paths stay Dense_<i>. Written as a sum of products, autodiff
+  takes no gradient for an input that needs none (the conditioning m):
+  with the concatenation it would compute the whole input gradient and keep
+  only z's part.
+  """
+  features: int
+
+  @nn.compact
+  def __call__(self, *inputs):
+    widths = [x.shape[-1] for x in inputs]
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (sum(widths), self.features))
+    bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    starts = np.cumsum([0, *widths])
+    return sum(x @ kernel[a:b] for x, a, b in zip(inputs, starts[:-1], starts[1:])) + bias
+
+
 def merge_condition(z, m, shape):
   """Flatten z and m, concatenate, and map with one dense layer to `shape`.
 
@@ -226,10 +294,8 @@ def merge_condition(z, m, shape):
   compact method: the dense layer belongs to the calling module.
   """
   batch = z.shape[0]
-  h = z.reshape(batch, -1)
-  if m is not None:
-    h = jnp.concatenate([h, m.reshape(batch, -1)], axis=-1)
-  return nn.Dense(math.prod(shape))(h).reshape(batch, *shape)
+  inputs = [z.reshape(batch, -1)] + ([] if m is None else [m.reshape(batch, -1)])
+  return Dense(math.prod(shape))(*inputs).reshape(batch, *shape)
 
 
 def padded_side(side, num_down):

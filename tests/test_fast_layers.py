@@ -197,4 +197,3 @@ def test_cpu_convolutions_run_outside_ynnpack():
   conv = jax.jit(functools.partial(layers.conv, stride=1)).lower(
       jnp.zeros((128, 8, 8, 256)), jnp.zeros((3, 3, 256, 256))).compile().as_text()
   assert 'convolution(' in conv and '__ynn_fusion' not in conv
-

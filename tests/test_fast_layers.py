@@ -88,7 +88,9 @@ def test_dense_of_several_inputs_is_flax_dense_of_their_concatenation():
   m = jax.random.normal(jax.random.key(1), (3, 9))
   fast, plain = DenseOfTwo(layers.Dense), DenseOfTwo(plain_dense)
   variables = plain.init(jax.random.key(2), z, m)
-  jax.tree.map(_close, fast.init(jax.random.key(2), z, m), variables)  # same tree and values
+  fast_variables = fast.init(jax.random.key(2), z, m)
+  assert jax.tree.structure(fast_variables) == jax.tree.structure(variables)   # Dense_0/{kernel,bias}
+  jax.tree.map(_close, fast_variables, variables)
   variables = jax.tree.map(lambda v: v + 0.1, variables)
   cotangent = jax.random.normal(jax.random.key(3), (3, 6))
   out_fast, vjp_fast = jax.vjp(fast.apply, variables, z, m)

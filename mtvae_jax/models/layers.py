@@ -128,8 +128,11 @@ def conv_up(x, kernel):
   so few output channels. It is the adjoint of conv_down(., adjoint_kernel(K)),
   so its input gradient is that stride-2 convolution of the output
   gradient, and its kernel gradient is conv_down's kernel gradient with
-  input and cotangent swapped; autodiff of the phases would run one slow
-  kernel-gradient convolution per phase instead.
+  input and cotangent swapped. On grids of 16x16 and more the phases' own
+  kernel gradients are cheaper (Eigen's kernel gradient then moves the
+  batch axis of x innermost rather than that of the 4x larger output
+  gradient; 20 against 15 ms alone for 16x16x32 -> 32x32x32), on smaller
+  ones four convolutions cost more than the copy saves.
   """
   if kernel.shape[-1] <= 4:
     padding = up_padding(kernel.shape[0])
@@ -145,8 +148,12 @@ def _conv_up_fwd(x, kernel):
 def _conv_up_bwd(residuals, cotangent):
   x, kernel = residuals
   adjoint = adjoint_kernel(kernel)
-  return (_conv_down(cotangent, adjoint),
-          adjoint_kernel(_conv_down_kernel_grad(cotangent, x, adjoint.shape)))
+  if kernel.shape[-1] > 4 and min(x.shape[1:3]) >= 16:
+    kernel_grad = jax.linear_transpose(functools.partial(conv_transpose_by_phases, x),
+                                       jax.ShapeDtypeStruct(kernel.shape, x.dtype))(cotangent)[0]
+  else:
+    kernel_grad = adjoint_kernel(_conv_down_kernel_grad(cotangent, x, adjoint.shape))
+  return _conv_down(cotangent, adjoint), kernel_grad
 
 
 conv_up.defvjp(_conv_up_fwd, _conv_up_bwd)

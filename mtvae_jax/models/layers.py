@@ -86,10 +86,10 @@ def _conv_down(x, kernel):
   return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
 
 
-def _conv_down_kernel_grad(x, cotangent, kernel_shape):
-  """d<_conv_down(x, K), cotangent>/dK (k, k, c, f); x: (B, 2h, 2w, c), cotangent: (B, h, w, f)."""
+def _kernel_grad(convolve, x, cotangent, kernel_shape):
+  """d<convolve(x, K), cotangent>/dK, of shape kernel_shape, for a convolution linear in K."""
   kernel = jax.ShapeDtypeStruct(kernel_shape, x.dtype)
-  return jax.linear_transpose(functools.partial(_conv_down, x), kernel)(cotangent)[0]
+  return jax.linear_transpose(functools.partial(convolve, x), kernel)(cotangent)[0]
 
 
 @jax.custom_vjp
@@ -113,7 +113,7 @@ def _conv_down_fwd(x, kernel):
 def _conv_down_bwd(residuals, cotangent):
   x, kernel = residuals
   return (conv_transpose_by_phases(cotangent, adjoint_kernel(kernel)),
-          _conv_down_kernel_grad(x, cotangent, kernel.shape))
+          _kernel_grad(_conv_down, x, cotangent, kernel.shape))
 
 
 conv_down.defvjp(_conv_down_fwd, _conv_down_bwd)
@@ -149,10 +149,9 @@ def _conv_up_bwd(residuals, cotangent):
   x, kernel = residuals
   adjoint = adjoint_kernel(kernel)
   if kernel.shape[-1] > 4 and min(x.shape[1:3]) >= 16:
-    kernel_grad = jax.linear_transpose(functools.partial(conv_transpose_by_phases, x),
-                                       jax.ShapeDtypeStruct(kernel.shape, x.dtype))(cotangent)[0]
+    kernel_grad = _kernel_grad(conv_transpose_by_phases, x, cotangent, kernel.shape)
   else:
-    kernel_grad = adjoint_kernel(_conv_down_kernel_grad(cotangent, x, adjoint.shape))
+    kernel_grad = adjoint_kernel(_kernel_grad(_conv_down, cotangent, x, adjoint.shape))
   return _conv_down(cotangent, adjoint), kernel_grad
 
 
@@ -200,8 +199,7 @@ def _conv_same_bwd(residuals, cotangent):
     kernel_grad = jnp.flip(jax.lax.conv_general_dilated(
         cotangent, x, (1, 1), padding, dimension_numbers=_SWAPPED), (0, 1))
   else:
-    kernel_grad = jax.linear_transpose(
-        functools.partial(_conv_same, x), jax.ShapeDtypeStruct(kernel.shape, x.dtype))(cotangent)[0]
+    kernel_grad = _kernel_grad(_conv_same, x, cotangent, kernel.shape)
   return x_grad, kernel_grad
 
 

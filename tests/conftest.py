@@ -73,7 +73,12 @@ def pytest_configure(config):
   inherit the environment; it is removed at the end. A JAX_COMPILATION_CACHE_DIR
   set by the user is kept (and not removed).
   """
-  if hasattr(config, 'workerinput') or 'JAX_COMPILATION_CACHE_DIR' in os.environ:
+  if hasattr(config, 'workerinput'):
+    return
+  # XLA cannot cache programs that hold oneDNN calls (models/onednn.py): the tests that check
+  # those turn them on themselves, the rest run XLA's convolutions and share the cache.
+  os.environ.setdefault('MTVAE_JAX_ONEDNN', '0')
+  if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
     return
   config.jax_cache_dir = tempfile.mkdtemp(prefix='mtvae_jax_test_compile_cache_')
   os.environ.update(JAX_COMPILATION_CACHE_DIR=config.jax_cache_dir,

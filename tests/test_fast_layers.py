@@ -1,6 +1,8 @@
-"""Fast forms (models/layers.py, masks.py) compute what plain forms do; the CPU convolution flag."""
+"""Fast forms (models/layers.py, onednn.py, masks.py) compute what plain forms do; CPU convolution choices."""
 import functools
 import os
+import subprocess
+import sys
 from typing import Callable
 
 import flax.linen as nn
@@ -9,10 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import device_env
 import mtvae_jax
 from mtvae_jax import masks
 from mtvae_jax import models
 from mtvae_jax.models import layers
+from mtvae_jax.models import onednn
 
 
 def plain_up(features, kernel):
@@ -40,6 +44,17 @@ def _close(a, b):
   np.testing.assert_allclose(np.asarray(a), b, rtol=1e-5, atol=1e-5 * max(1.0, np.abs(b).max()))
 
 
+@pytest.fixture(params=['xla', 'onednn'])
+def convolutions(request, monkeypatch):
+  """Runs a test with XLA's convolutions, then with oneDNN's where this jaxlib has them."""
+  if request.param == 'onednn' and not onednn.supported():
+    pytest.skip('no oneDNN convolutions for this jaxlib (models/onednn.py)')
+  monkeypatch.setenv('MTVAE_JAX_ONEDNN', '1' if request.param == 'onednn' else '0')
+  jax.clear_caches()  # programs traced under the other setting
+  yield request.param
+  jax.clear_caches()
+
+
 def _assert_same_layer(fast, plain, x, out_shape):
   """Same initial variables, outputs and gradients (for the variables and x)."""
   variables = fast.init(jax.random.key(1), x)
@@ -55,7 +70,8 @@ def _assert_same_layer(fast, plain, x, out_shape):
 
 # by phases (kernel gradient as conv_down's, or per phase from 16x16 on) / lhs-dilated
 @pytest.mark.parametrize('kernel,features,side', [(3, 7, 5), (4, 7, 5), (3, 5, 16), (4, 3, 5)])
-def test_up_has_the_parameters_outputs_and_gradients_of_flax_conv_transpose(kernel, features, side):
+def test_up_has_the_parameters_outputs_and_gradients_of_flax_conv_transpose(kernel, features, side,
+                                                                          convolutions):
   x = jax.random.normal(jax.random.key(0), (3, side, side + 1, 4))
   _assert_same_layer(layers.up(features, kernel), plain_up(features, kernel), x,
                      (3, 2 * side, 2 * side + 2, features))
@@ -66,7 +82,7 @@ def test_up_has_the_parameters_outputs_and_gradients_of_flax_conv_transpose(kern
     (3, 2, True, 7), (4, 2, True, 7), (3, 1, True, 7), (3, 1, True, 3), (5, 1, False, 2),
     (1, 1, False, 7), (3, 1, False, 7)])
 def test_conv_has_the_parameters_outputs_and_gradients_of_flax_conv(kernel, stride, use_bias,
-                                                                   features):
+                                                                   features, convolutions):
   x = jax.random.normal(jax.random.key(0), (3, 6, 8, 4))
   _assert_same_layer(layers.Conv(features, kernel, stride, use_bias),
                      plain_conv(features, kernel, stride, use_bias), x,
@@ -140,7 +156,7 @@ def test_models_keep_the_parameter_tree_of_flax_layers(make_config, model_name, 
 
 @pytest.mark.parametrize('model_name,shape', [('gaussian', (10, 10, 1)), ('vq', (12, 12, 3))])
 def test_models_compute_the_loss_and_gradients_of_flax_layers(make_config, model_name, shape,
-                                                             monkeypatch):
+                                                             convolutions, monkeypatch):
   config = make_config(model_name, 'multi')
   x, conds = _model_inputs(shape)
 
@@ -155,11 +171,13 @@ def test_models_compute_the_loss_and_gradients_of_flax_layers(make_config, model
       return sum(jnp.mean(t) for t in terms.values()) + sum(
           jnp.mean(jnp.square(out - x)) for out in outputs.values())
 
-    return jax.jit(jax.value_and_grad(loss))(variables['params'])
+    compiled = jax.jit(jax.value_and_grad(loss)).lower(variables['params']).compile()
+    return compiled(variables['params']), compiled.as_text()
 
-  fast = loss_and_grads()
+  fast, text = loss_and_grads()
+  assert ('__onednn$convolution' in text) == (convolutions == 'onednn')
   _use_plain_layers(monkeypatch)
-  plain = loss_and_grads()
+  plain, _ = loss_and_grads()
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), fast, plain)
 
 
@@ -198,7 +216,60 @@ def test_the_flag_is_left_out_once_a_backend_runs(monkeypatch):
 
 @pytest.mark.skipif(mtvae_jax.CPU_CONVOLUTION_FLAG not in os.environ.get('XLA_FLAGS', ''),
                     reason='XLA_FLAGS chose the CPU convolutions')
-def test_cpu_convolutions_run_outside_ynnpack():
+def test_cpu_convolutions_run_outside_ynnpack(monkeypatch):
+  monkeypatch.setattr(onednn, 'enabled', lambda: False)
   conv = jax.jit(functools.partial(layers.conv, stride=1)).lower(
       jnp.zeros((128, 8, 8, 256)), jnp.zeros((3, 3, 256, 256))).compile().as_text()
   assert 'convolution(' in conv and '__ynn_fusion' not in conv
+
+
+def _compiled_text(fn, *args):
+  return jax.jit(fn).lower(*args).compile().as_text()
+
+
+# 3x3 `same`, `down`'s stride 2, and an `up` phase's uneven padding
+@pytest.mark.parametrize('convolutions', ['onednn'], indirect=True)
+@pytest.mark.parametrize('x_shape,kernel_shape,strides,padding', [
+    ((3, 7, 7, 8), (3, 3, 8, 16), (1, 1), ((1, 1), (1, 1))),
+    ((3, 8, 8, 4), (4, 4, 4, 8), (2, 2), ((1, 1), (1, 1))),
+    ((3, 7, 7, 8), (2, 2, 8, 5), (1, 1), ((1, 0), (0, 1))),
+])
+def test_onednn_conv_is_xla_conv_with_its_gradients_and_batching(x_shape, kernel_shape, strides,
+                                                                  padding, convolutions):
+  keys = jax.random.split(jax.random.key(0), 3)
+  x, kernel = jax.random.normal(keys[0], x_shape), jax.random.normal(keys[1], kernel_shape)
+  fast = functools.partial(onednn.conv, strides=strides, padding=padding)
+  plain = functools.partial(onednn.xla_conv, strides=strides, padding=padding)
+  assert '__onednn$convolution' in _compiled_text(fast, x, kernel)
+  out, vjp = jax.vjp(plain, x, kernel)
+  cotangent = jax.random.normal(keys[2], out.shape)
+  grads = jax.jit(lambda x, k: jax.vjp(fast, x, k)[1](cotangent))(x, kernel)
+  _close(jax.jit(fast)(x, kernel), out)
+  jax.tree.map(_close, grads, vjp(cotangent))
+  _close(jax.jit(lambda x, k: jax.jvp(fast, (x, k), (k.sum() * x, x.sum() * k))[1])(x, kernel),
+         jax.jvp(plain, (x, kernel), (kernel.sum() * x, x.sum() * kernel))[1])
+  _close(jax.jit(jax.vmap(fast, in_axes=(1, None), out_axes=1))(x[:, None], kernel)[:, 0], out)
+  _close(jax.jit(jax.vmap(fast, in_axes=(None, 0)))(x, kernel[None])[0], out)
+
+
+def test_mtvae_jax_onednn_0_keeps_xla_convolutions(monkeypatch):
+  monkeypatch.setenv('MTVAE_JAX_ONEDNN', '0')
+  text = _compiled_text(functools.partial(layers.conv, stride=2), jnp.zeros((2, 8, 8, 4)),
+                        jnp.zeros((4, 4, 4, 8)))
+  assert '__onednn$convolution' not in text and 'convolution(' in text
+
+
+@pytest.mark.skipif(not onednn.supported(), reason='no oneDNN convolutions for this jaxlib')
+def test_programs_over_several_devices_keep_xla_convolutions():
+  code = (
+      'import jax, jax.numpy as jnp, numpy as np, functools\n'
+      'from jax.sharding import Mesh, NamedSharding, PartitionSpec\n'
+      'from mtvae_jax.models import layers\n'
+      "mesh = Mesh(np.array(jax.devices()), ('d',))\n"
+      "x = jax.device_put(jnp.ones((4, 8, 8, 4)), NamedSharding(mesh, PartitionSpec('d')))\n"
+      'f = jax.jit(functools.partial(layers.conv, stride=2))\n'
+      'print(f.lower(x, jnp.ones((4, 4, 4, 8))).compile().as_text())\n')
+  env = dict(device_env(2), MTVAE_JAX_ONEDNN='1')
+  text = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
+                        check=True).stdout
+  assert 'convolution(' in text and '__onednn$convolution' not in text

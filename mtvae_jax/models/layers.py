@@ -3,6 +3,9 @@
 Paddings follow the PyTorch layers of the thesis's code base: a 3x3 or 4x4
 stride-2 convolution with padding 1 halves an even side, and `up` doubles it
 like ConvTranspose2d(k, stride=2, padding=1, output_padding=k % 2).
+
+Forward and input-gradient convolutions go through onednn.conv (oneDNN on
+CPUs); kernel gradients and lhs-dilated convolutions are XLA's.
 """
 import functools
 import math
@@ -11,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from mtvae_jax.models import onednn
 
 LEAKY_SLOPE = 0.01
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -70,8 +75,7 @@ def conv_transpose_by_phases(x, kernel):
     cols = []
     for dx, tx in phases:
       padding = ((-dy[0], dy[-1]), (-dx[0], dx[-1]))
-      cols.append(jax.lax.conv_general_dilated(
-          x, kernel[ty][:, tx], (1, 1), padding, dimension_numbers=_NHWC))
+      cols.append(onednn.conv(x, kernel[ty][:, tx], (1, 1), padding))
     rows.append(jnp.stack(cols, axis=3))
   return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
 
@@ -83,7 +87,7 @@ def adjoint_kernel(kernel):
 
 def _conv_down(x, kernel):
   """Stride-2 convolution, padding 1 (`down`): (B, 2h, 2w, c), (k, k, c, f) -> (B, h, w, f)."""
-  return jax.lax.conv_general_dilated(x, kernel, (2, 2), ((1, 1), (1, 1)), dimension_numbers=_NHWC)
+  return onednn.conv(x, kernel, (2, 2), ((1, 1), (1, 1)))
 
 
 def _kernel_grad(convolve, x, cotangent, kernel_shape):
@@ -168,8 +172,7 @@ _SWAPPED = jax.lax.ConvDimensionNumbers(lhs_spec=(3, 0, 1, 2), rhs_spec=(3, 0, 1
 
 def _conv_same(x, kernel):
   padding = (kernel.shape[0] - 1) // 2
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((padding, padding),) * 2,
-                                      dimension_numbers=_NHWC)
+  return onednn.conv(x, kernel, (1, 1), ((padding, padding),) * 2)
 
 
 @jax.custom_vjp
@@ -193,8 +196,7 @@ def _conv_same_bwd(residuals, cotangent):
   x, kernel = residuals
   k = kernel.shape[0]
   padding = ((k - 1 - (k - 1) // 2,) * 2,) * 2   # of the adjoint convolution
-  x_grad = jax.lax.conv_general_dilated(cotangent, adjoint_kernel(kernel), (1, 1), padding,
-                                        dimension_numbers=_NHWC)
+  x_grad = onednn.conv(cotangent, adjoint_kernel(kernel), (1, 1), padding)
   if x.shape[-1] > kernel.shape[-1]:
     kernel_grad = jnp.flip(jax.lax.conv_general_dilated(
         cotangent, x, (1, 1), padding, dimension_numbers=_SWAPPED), (0, 1))

@@ -252,6 +252,25 @@ def test_onednn_conv_is_xla_conv_with_its_gradients_and_batching(x_shape, kernel
   _close(jax.jit(jax.vmap(fast, in_axes=(None, 0)))(x, kernel[None])[0], out)
 
 
+@pytest.mark.parametrize('convolutions', ['onednn'], indirect=True)
+@pytest.mark.parametrize('transpose_a,transpose_b', [(False, False), (False, True), (True, False),
+                                                     (True, True)])
+def test_onednn_matmul_is_the_product_with_its_gradients(transpose_a, transpose_b, convolutions):
+  keys = jax.random.split(jax.random.key(0), 3)
+  m, k, n = 96, 160, 640  # 2 m k n = 19.7 MFLOP, above onednn.MIN_MATMUL_FLOPS
+  a = jax.random.normal(keys[0], (k, m) if transpose_a else (m, k))
+  b = jax.random.normal(keys[1], (n, k) if transpose_b else (k, n))
+  fast = functools.partial(onednn.matmul, transpose_a=transpose_a, transpose_b=transpose_b)
+  plain = functools.partial(onednn.xla_matmul, transpose_a=transpose_a, transpose_b=transpose_b)
+  cotangent = jax.random.normal(keys[2], (m, n))
+  grads = lambda a, b: jax.vjp(fast, a, b)[1](cotangent)
+  assert _compiled_text(grads, a, b).count('__onednn$matmul') == 2
+  _close(jax.jit(fast)(a, b), plain(a, b))
+  jax.tree.map(_close, jax.jit(grads)(a, b), jax.vjp(plain, a, b)[1](cotangent))
+  small_a = a[:, :8] if transpose_a else a[:8]  # m = 8: too small a product
+  assert '__onednn$matmul' not in _compiled_text(fast, small_a, b)
+
+
 def test_mtvae_jax_onednn_0_keeps_xla_convolutions(monkeypatch):
   monkeypatch.setenv('MTVAE_JAX_ONEDNN', '0')
   text = _compiled_text(functools.partial(layers.conv, stride=2), jnp.zeros((2, 8, 8, 4)),

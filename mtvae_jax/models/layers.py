@@ -4,8 +4,9 @@ Paddings follow the PyTorch layers of the thesis's code base: a 3x3 or 4x4
 stride-2 convolution with padding 1 halves an even side, and `up` doubles it
 like ConvTranspose2d(k, stride=2, padding=1, output_padding=k % 2).
 
-Forward and input-gradient convolutions go through onednn.conv (oneDNN on
-CPUs); kernel gradients and lhs-dilated convolutions are XLA's.
+Forward and input-gradient convolutions go through onednn.conv and matrix
+products through onednn.matmul (oneDNN on CPUs); kernel gradients of
+convolutions and lhs-dilated convolutions are XLA's.
 """
 import functools
 import math
@@ -218,7 +219,8 @@ def conv(x, kernel, stride=1):
   conv_down, stride 1 as conv_same.
   """
   if kernel.shape[0] == 1 and stride == 1:
-    return x @ kernel[0, 0]
+    y = onednn.matmul(x.reshape(-1, x.shape[-1]), kernel[0, 0])
+    return y.reshape(*x.shape[:-1], kernel.shape[-1])
   if stride == 2:
     return conv_down(x, kernel)
   return conv_same(x, kernel)
@@ -284,7 +286,7 @@ def concat_matmul(inputs, kernel):
   configuration 2). Slicing the kernel in the forward pass instead would
   make its gradient a sum of zero-padded blocks.
   """
-  return jnp.concatenate(inputs, axis=-1) @ kernel
+  return onednn.matmul(jnp.concatenate(inputs, axis=-1), kernel)
 
 
 def _concat_matmul_fwd(inputs, kernel):
@@ -294,8 +296,9 @@ def _concat_matmul_fwd(inputs, kernel):
 def _concat_matmul_bwd(residuals, cotangent):
   inputs, kernel = residuals
   starts = np.cumsum([0] + [x.shape[-1] for x in inputs])
-  input_grads = tuple(cotangent @ kernel[a:b].T for a, b in zip(starts[:-1], starts[1:]))
-  return input_grads, jnp.concatenate(inputs, axis=-1).T @ cotangent
+  input_grads = tuple(onednn.matmul(cotangent, kernel[a:b], transpose_b=True)
+                      for a, b in zip(starts[:-1], starts[1:]))
+  return input_grads, onednn.matmul(jnp.concatenate(inputs, axis=-1), cotangent, transpose_a=True)
 
 
 concat_matmul.defvjp(_concat_matmul_fwd, _concat_matmul_bwd)

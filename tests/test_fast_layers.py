@@ -1,4 +1,4 @@
-"""Fast forms (models/layers.py, onednn.py, masks.py) compute what plain forms do; CPU convolution choices."""
+"""Fast forms (models/layers.py, onednn.py, masks.py) compute what plain forms do; CPU kernels."""
 import functools
 import os
 import subprocess
@@ -15,6 +15,7 @@ from conftest import device_env
 import mtvae_jax
 from mtvae_jax import masks
 from mtvae_jax import models
+from mtvae_jax import train
 from mtvae_jax.models import layers
 from mtvae_jax.models import onednn
 
@@ -269,6 +270,27 @@ def test_onednn_matmul_is_the_product_with_its_gradients(transpose_a, transpose_
   jax.tree.map(_close, jax.jit(grads)(a, b), jax.vjp(plain, a, b)[1](cotangent))
   small_a = a[:, :8] if transpose_a else a[:8]  # m = 8: too small a product
   assert '__onednn$matmul' not in _compiled_text(fast, small_a, b)
+
+
+@pytest.mark.parametrize('convolutions', ['onednn'], indirect=True)
+def test_train_steps_with_onednn_repeat_bit_for_bit(make_config, convolutions):
+  config = make_config('vq', 'single')
+  shape = (8, 8, 1)
+  model = models.build_model(config, shape)
+  images = jax.random.uniform(jax.random.key(1), (16, *shape))
+  step = jax.jit(functools.partial(train.train_step, config=config))
+  assert '__onednn$convolution' in step.lower(
+      train.create_train_state(config, model, shape, jax.random.key(0)), images,
+      jax.random.key(2)).compile().as_text()
+
+  def params_after_two_steps():
+    state = train.create_train_state(config, model, shape, jax.random.key(0))
+    for _ in range(2):
+      state, _ = step(state, images, jax.random.key(2))
+    return jax.tree.leaves(state.params)
+
+  for a, b in zip(params_after_two_steps(), params_after_two_steps()):
+    np.testing.assert_array_equal(a, b)
 
 
 def test_mtvae_jax_onednn_0_keeps_xla_convolutions(monkeypatch):

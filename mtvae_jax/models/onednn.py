@@ -1,4 +1,4 @@
-"""The models' convolutions and products by oneDNN on CPUs, through custom calls XLA:CPU carries.
+"""The models' convolutions and products by oneDNN on CPUs, through XLA:CPU's custom calls.
 
 jaxlib's x86-64 Linux build ships oneDNN and runs `__onednn$convolution`
 (oneDNN's forward convolution) and `__onednn$matmul` custom calls, but XLA
@@ -40,20 +40,21 @@ _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 @functools.cache
 def supported():
-  """Whether the running jaxlib has the calls in the format written here: x86-64 Linux, ONEDNN_JAXLIBS."""
+  """Whether this jaxlib has the calls in the format written here: x86-64 Linux, ONEDNN_JAXLIBS."""
   import jaxlib.version  # pylint: disable=import-outside-toplevel
   return (platform.system() == 'Linux' and platform.machine() == 'x86_64'
           and tuple(jaxlib.version.__version_info__[:3]) in ONEDNN_JAXLIBS)
 
 
 def enabled():
-  """Whether `conv` and `matmul` emit the oneDNN calls (for CPUs): supported(), MTVAE_JAX_ONEDNN != 0."""
+  """Whether `conv` and `matmul` emit oneDNN calls (CPUs): supported(), MTVAE_JAX_ONEDNN != 0."""
   return supported() and os.environ.get('MTVAE_JAX_ONEDNN', '1') != '0'
 
 
 if supported():
-  warnings.filterwarnings('ignore', category=UserWarning,
-                          message="Error writing persistent compilation cache entry for .*std::bad_alloc")
+  warnings.filterwarnings(
+      'ignore', category=UserWarning,
+      message="Error writing persistent compilation cache entry for .*std::bad_alloc")
 
 
 def xla_conv(x, kernel, *, strides, padding):
@@ -73,10 +74,11 @@ def conv(x, kernel, strides, padding):
 
 
 def _register_lowerings(primitive, xla_fn, target, config):
-  """`xla_fn` (XLA's operation) on every backend; on CPUs the oneDNN call `target`, config(**params).
+  """`xla_fn` (XLA's operation) on every backend; on CPUs the oneDNN call `target`.
 
-  Programs over several devices keep XLA's operation: XLA's SPMD partitioner
-  knows no sharding of the call and would gather its operands.
+  The call's backend config is config(**params). Programs over several
+  devices keep XLA's operation: XLA's SPMD partitioner knows no sharding of
+  the call and would gather its operands.
   """
   xla_lowering = mlir.lower_fun(xla_fn, multiple_results=False)
 
@@ -100,13 +102,19 @@ def _abstract_eval(xla_fn):
 
 
 def _conv_config(strides, padding):
-  """The NHWC / HWIO axes, and the window as XLA's convolution has it."""
+  """The NHWC / HWIO axes, and the window as XLA's convolution has it.
+
+  jaxlib 0.10.2 reads 0-based axes and plain window values (other XLA
+  versions' sources add 1 to some of them).
+  """
   return {'onednn_conv_config': {
       'dims': 4, 'feature_groups': 1,
       'input': {'data': {'batch_dim': 0, 'feature_dim': 3, 'spatial_dims': [1, 2]}},
-      'kernel': {'filter': {'output_feature_dim': 3, 'input_feature_dim': 2, 'spatial_dims': [0, 1]}},
+      'kernel': {'filter': {'output_feature_dim': 3, 'input_feature_dim': 2,
+                            'spatial_dims': [0, 1]}},
       'output': {'data': {'batch_dim': 0, 'feature_dim': 3, 'spatial_dims': [1, 2]}},
-      'window': {'pad_left': [low for low, _ in padding], 'pad_right': [high for _, high in padding],
+      'window': {'pad_left': [low for low, _ in padding],
+                 'pad_right': [high for _, high in padding],
                  'strides': list(strides), 'window_dilations': [1, 1]}}}
 
 
@@ -124,7 +132,8 @@ def _conv_transpose(argnum):
       args[argnum] = arg
       return xla_conv(*args, **params)
     aval = args[argnum].aval
-    return jax.linear_transpose(convolve, jax.ShapeDtypeStruct(aval.shape, aval.dtype))(cotangent)[0]
+    primal = jax.ShapeDtypeStruct(aval.shape, aval.dtype)
+    return jax.linear_transpose(convolve, primal)(cotangent)[0]
   return rule
 
 

@@ -4,9 +4,10 @@ jaxlib's x86-64 Linux build ships oneDNN and runs `__onednn$convolution`
 (oneDNN's forward convolution) and `__onednn$matmul` custom calls, but XLA
 emits them only under a build option jaxlib leaves off. Emitted here, they
 run the models' forward and input-gradient convolutions (3x3, stride 2 and
-`up`'s phases) and their 1x1 convolutions and dense layers 3-11 % faster
-than XLA's Eigen and YNNPACK kernels (BENCHMARKS.md). Kernel gradients of
-convolutions stay XLA's: oneDNN's forward kernels are 2x slower at them.
+`up`'s phases), 1x1 convolutions and dense layers, and the train steps run
+3-11 % faster than with XLA's Eigen and YNNPACK kernels (BENCHMARKS.md).
+Kernel gradients of convolutions stay XLA's: oneDNN's forward kernels are
+2x slower at them.
 
 The calls' config format is internal to XLA and has changed between
 versions, and a config the running XLA reads differently aborts the

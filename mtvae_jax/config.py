@@ -66,7 +66,12 @@ def base_config(model, method, arg=None):
       count='power_law' if method == 'single' else 'fixed',
       num_pixels=DEFAULT_NUM_PIXELS.get(dataset, FALLBACK_NUM_PIXELS),
       power_law_exponent=40.0,
-      gaussian_std=0.25))
+      gaussian_std=0.25,
+      # count='log_uniform': up to this fraction of the pixels. sampling / count = 'mixture':
+      # one sampler / count per image, drawn in proportion to these weights.
+      max_fraction=0.5,
+      mixture=dict(sampling_weights=dict(exact=1.0, uniform=1.0, gaussian=1.0),
+                   count_weights=dict(fixed=1.0, power_law=1.0, log_uniform=2.0))))
 
   # Loss weights: W1 (decoder 1), W2 (conditioned decoder), beta (KL) or the VQ term's weight.
   # balancing='softadapt' replaces the weights of softadapt.terms (() = all) during training.
@@ -107,9 +112,16 @@ def validate(config):
   _one_of(config, 'model', tuple(models.MODELS))
   _one_of(config, 'method', models.METHODS)
   _one_of(config, 'data.name', tuple(data.DATASETS))
-  _one_of(config, 'mask.sampling', masks.SAMPLINGS)
-  _one_of(config, 'mask.count', masks.COUNTS)
+  _one_of(config, 'mask.sampling', (*masks.SAMPLINGS, masks.MIXTURE))
+  _one_of(config, 'mask.count', (*masks.COUNTS, masks.MIXTURE))
   mask = config.mask
+  _require(0 < mask.max_fraction <= 1, 'mask.max_fraction', mask.max_fraction,
+           'use a fraction in (0, 1]')
+  for key, names in (('sampling_weights', masks.SAMPLINGS), ('count_weights', masks.COUNTS)):
+    weights = dict(mask.mixture[key])
+    _require(set(weights) == set(names) and min(weights.values()) >= 0
+             and sum(weights.values()) > 0, f'mask.mixture.{key}', weights,
+             f'give a weight >= 0 to each of {", ".join(names)}, not all 0')
   _require(mask.power_law_exponent > 0, 'mask.power_law_exponent', mask.power_law_exponent,
            'use a number > 0')
   _require(mask.gaussian_std > 0, 'mask.gaussian_std', mask.gaussian_std, 'use a number > 0')

@@ -15,7 +15,16 @@ Sampling types:
             on the image (repeats allowed, so at most k distinct pixels).
 
 Pixel counts: fixed k (multidecoder method), or per image from the power law
-p(u) = a u^(a-1) on [0, 1] as k = floor(D (1 - u)) (single decoder method).
+p(u) = a u^(a-1) on [0, 1] as k = floor(D (1 - u)) (single decoder method),
+which puts most counts near 0 (a few percent of the pixels for a = 40), or
+log-uniform: k + 1 = floor((F D + 2)^U), U uniform on [0, 1], which gives each
+doubling of the count the same probability up to the fraction F of the pixels,
+so that sparse and half-observed images are both common.
+
+Mixture: sampling='mixture' draws one of the three samplers per image and
+count='mixture' one of the three counts per image, each with probabilities
+proportional to the given weights, so that one trained decoder serves any
+layout and density of observed pixels.
 """
 import functools
 
@@ -24,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SAMPLINGS = ('exact', 'uniform', 'gaussian')
-COUNTS = ('fixed', 'power_law')
+COUNTS = ('fixed', 'power_law', 'log_uniform')
+MIXTURE = 'mixture'  # a value of mask.sampling and mask.count: one of the above per image
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,17 +133,54 @@ def power_law_empty_fraction(num_pixels, exponent):
   return 1.0 - (1.0 - 1.0 / num_pixels) ** exponent
 
 
-def sample_mask(key, shape, *, sampling, count, num_pixels, power_law_exponent,
-                gaussian_std):
-  """One (H, W, 1) mask: draw the pixel count, then the pixels."""
-  count_key, pixel_key = jax.random.split(key)
+def log_uniform_count(key, num_pixels, max_fraction):
+  """k = floor((M + 2)^U) - 1 for M = floor(F D), U uniform on [0, 1): k in 0..M, P(k <= j) =
+  log(j + 2) / log(M + 2)."""
+  top = jnp.log(jnp.floor(max_fraction * num_pixels) + 2.0)
+  return (jnp.floor(jnp.exp(top * jax.random.uniform(key))) - 1.0).astype(jnp.int32)
+
+
+def pixel_count(key, num_pixels, *, count, fixed_count, power_law_exponent, max_fraction):
+  """The observed-pixel count of one mask of `num_pixels` pixels, drawn by `count` (COUNTS)."""
   if count == 'power_law':
-    k = power_law_count(count_key, shape[0] * shape[1], power_law_exponent)
+    return power_law_count(key, num_pixels, power_law_exponent)
+  if count == 'log_uniform':
+    return log_uniform_count(key, num_pixels, max_fraction)
+  return jnp.int32(fixed_count)
+
+
+def choose(key, weights, draw):
+  """draw(name) for one name of `weights` ({name: weight >= 0}) drawn in proportion to its weight.
+
+  Every name of positive weight is drawn and one result picked, so the
+  choice is traced (it differs per image under vmap).
+  """
+  names = [name for name, weight in weights.items() if weight > 0]
+  logits = jnp.log(jnp.asarray([weights[name] for name in names], jnp.float32))
+  return jnp.stack([draw(name) for name in names])[jax.random.categorical(key, logits)]
+
+
+def sample_mask(key, shape, *, sampling, count, num_pixels, power_law_exponent,
+                gaussian_std, max_fraction=0.5, sampling_weights=None, count_weights=None):
+  """One (H, W, 1) mask: draw the pixel count, then the pixels.
+
+  sampling: SAMPLINGS or MIXTURE (drawn by `sampling_weights`, {sampling: weight});
+  count: COUNTS or MIXTURE (drawn by `count_weights`, {count: weight}).
+  """
+  count_key, pixel_key = jax.random.split(key)
+  count_fn = functools.partial(pixel_count, num_pixels=shape[0] * shape[1], fixed_count=num_pixels,
+                               power_law_exponent=power_law_exponent, max_fraction=max_fraction)
+  if count == MIXTURE:
+    choice_key, count_key = jax.random.split(count_key)
+    k = choose(choice_key, count_weights, lambda name: count_fn(count_key, count=name))
   else:
-    k = num_pixels
-  if sampling == 'gaussian':
-    return gaussian_mask(pixel_key, k, shape, gaussian_std)
-  return SAMPLERS[sampling](pixel_key, k, shape)
+    k = count_fn(count_key, count=count)
+  pixels_fn = lambda name, key: (gaussian_mask(key, k, shape, gaussian_std) if name == 'gaussian'
+                                 else SAMPLERS[name](key, k, shape))
+  if sampling == MIXTURE:
+    choice_key, pixel_key = jax.random.split(pixel_key)
+    return choose(choice_key, sampling_weights, lambda name: pixels_fn(name, pixel_key))
+  return pixels_fn(sampling, pixel_key)
 
 
 def mask_fn(mask_config, count=None):
@@ -142,13 +189,17 @@ def mask_fn(mask_config, count=None):
   `count` overrides `mask_config.count` (evaluation always uses the fixed
   count `mask_config.num_pixels`).
   """
+  mixture = mask_config.mixture
   return functools.partial(
       sample_mask,
       sampling=mask_config.sampling,
       count=count or mask_config.count,
       num_pixels=mask_config.num_pixels,
       power_law_exponent=mask_config.power_law_exponent,
-      gaussian_std=mask_config.gaussian_std)
+      gaussian_std=mask_config.gaussian_std,
+      max_fraction=mask_config.max_fraction,
+      sampling_weights=dict(mixture.sampling_weights),
+      count_weights=dict(mixture.count_weights))
 
 
 def batch_masks(key, images, sampler):

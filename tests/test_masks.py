@@ -4,7 +4,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mtvae_jax import config as config_lib
 from mtvae_jax import masks
+from mtvae_jax.errors import UserError
 
 
 def draw(sampler, num, k, shape, seed=0):
@@ -88,3 +90,69 @@ def test_conditioning_stacks_mask_and_masked_image():
   np.testing.assert_array_equal(m[..., :1], mask)
   np.testing.assert_allclose(m[:, 1, 2, 1:], images[:, 1, 2])
   assert float(jnp.abs(m[..., 1:]).sum()) == pytest.approx(float(jnp.abs(images[:, 1, 2]).sum()))
+
+
+def mixture_masks(num, k, shape, seed=0, **weights):
+  """`num` masks of sampling='mixture' with a fixed count k and sampling weights `weights`."""
+  sampling_weights = dict(dict.fromkeys(masks.SAMPLINGS, 0.0), **weights)
+  sampler = lambda key, k, shape: masks.sample_mask(
+      key, shape, sampling=masks.MIXTURE, count='fixed', num_pixels=k, power_law_exponent=40.0,
+      gaussian_std=0.25, sampling_weights=sampling_weights)
+  return draw(sampler, num, k, shape, seed)
+
+
+def test_mixture_sampling_draws_each_sampler_in_proportion_to_its_weight():
+  mask = mixture_masks(2000, 16, (8, 8), exact=1.0, uniform=3.0)
+  grid = np.asarray(masks.exact_mask(None, 16, (8, 8)))
+  is_grid = np.all(mask == grid, axis=(1, 2, 3))
+  assert abs(is_grid.mean() - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 2000)
+  np.testing.assert_array_equal(mask.sum(axis=(1, 2, 3)), 16)  # no gaussian draws (weight 0)
+
+
+def test_mixture_sampling_with_one_weight_is_that_sampler():
+  mask = mixture_masks(50, 30, (8, 8), gaussian=1.0)
+  assert (mask.sum(axis=(1, 2, 3)) < 30).mean() > 0.9  # draws with replacement repeat pixels
+  assert mask[:, 3:5, 3:5].mean() > 3 * mask[:, :2].mean()
+
+
+@pytest.mark.parametrize('max_fraction', [0.5, 1.0])
+def test_log_uniform_counts_match_closed_form(max_fraction):
+  keys = jax.random.split(jax.random.key(2), 40000)
+  counts = np.asarray(jax.vmap(lambda k: masks.log_uniform_count(k, 784, max_fraction))(keys))
+  top = int(max_fraction * 784)
+  assert counts.min() == 0 and counts.max() == top
+  for j in (0, 7, 39, 195, top - 1):  # P(k <= j) = log(j + 2) / log(top + 2)
+    np.testing.assert_allclose((counts <= j).mean(), np.log(j + 2) / np.log(top + 2), atol=0.01)
+
+
+def test_mixture_count_draws_each_count_in_proportion_to_its_weight():
+  sampler = lambda key, shape: masks.sample_mask(
+      key, shape, sampling='uniform', count=masks.MIXTURE, num_pixels=20, power_law_exponent=1e6,
+      gaussian_std=0.25, max_fraction=0.5,
+      count_weights={'fixed': 1.0, 'power_law': 1.0, 'log_uniform': 0.0})
+  images = jnp.ones((4000, 16, 16, 1))
+  counts = np.asarray(jax.jit(lambda key: masks.batch_masks(key, images, sampler))(
+      jax.random.key(4))).sum(axis=(1, 2, 3))
+  assert set(np.unique(counts)) == {0, 20}  # a huge exponent: the power law's count is 0
+  assert abs((counts == 20).mean() - 0.5) < 4 * np.sqrt(0.25 / 4000)
+
+
+@pytest.mark.parametrize('section,name,value', [
+    ('mixture.sampling_weights', 'exact', -1.0), ('mixture.count_weights', 'fixed', -0.5),
+    ('', 'max_fraction', 0.0), ('', 'sampling', 'mixed'), ('', 'count', 'mixed')])
+def test_config_refuses_bad_mixture_settings(section, name, value):
+  config = config_lib.base_config('gaussian', 'single')
+  config.mask.update(sampling='mixture', count='mixture')
+  parent = config.mask
+  for part in filter(None, section.split('.')):
+    parent = parent[part]
+  parent[name] = value
+  with pytest.raises(UserError, match=f'config.mask.{section or name}'):
+    config_lib.validate(config)
+
+
+def test_config_refuses_all_zero_mixture_weights():
+  config = config_lib.base_config('gaussian', 'single')
+  config.mask.mixture.sampling_weights = dict.fromkeys(masks.SAMPLINGS, 0.0)
+  with pytest.raises(UserError, match='mask.mixture.sampling_weights'):
+    config_lib.validate(config)

@@ -50,6 +50,8 @@ def base_config(model, method, arg=None):
   config = ml_collections.ConfigDict()
   config.model = model
   config.method = method
+  # How the conditioned decoder takes in m: 'dense' (the thesis's layer) or 'spatial'.
+  config.conditioning = 'dense'
   config.preset = preset
   config.seed = 0
 
@@ -111,6 +113,7 @@ def validate(config):
   """Checks every key that does not depend on the data; raises UserError on the first bad one."""
   _one_of(config, 'model', tuple(models.MODELS))
   _one_of(config, 'method', models.METHODS)
+  _one_of(config, 'conditioning', models.CONDITIONINGS)
   _one_of(config, 'data.name', tuple(data.DATASETS))
   _one_of(config, 'mask.sampling', (*masks.SAMPLINGS, masks.MIXTURE))
   _one_of(config, 'mask.count', (*masks.COUNTS, masks.MIXTURE))

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from mtvae_jax import losses
 from mtvae_jax.models import base
+from mtvae_jax.models import conditioning
 from mtvae_jax.models import layers
 
 
@@ -24,16 +25,25 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-  """z: (B, latent_dim) [+ m] -> (B, Hp, Wp, C) in [0, 1]; mirrors the encoder."""
+  """z: (B, latent_dim) [+ m] -> (B, Hp, Wp, C) in [0, 1]; mirrors the encoder.
+
+  m enters as `conditioning` says (models/conditioning.py): into the dense
+  layer that makes the smallest grid, or on every grid.
+  """
   hidden_sizes: Sequence[int]
   start: Sequence[int]          # (h, w) of the smallest grid
   out_channels: int
+  conditioning: str = 'dense'
 
   @nn.compact
   def __call__(self, z, m=None, *, train):
-    h = layers.merge_condition(z, m, (*self.start, self.hidden_sizes[-1]))
+    dense_m = conditioning.dense_input(m, self.conditioning)
+    h = conditioning.merge_condition(z, dense_m, (*self.start, self.hidden_sizes[-1]))
+    levels = conditioning.spatial_levels(m, self.conditioning, self.hidden_sizes, self.start)
+    h = conditioning.attach(h, levels)
     for features in (*reversed(self.hidden_sizes[:-1]), self.hidden_sizes[0]):
       h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 3)(h)))
+      h = conditioning.attach(h, levels)
     return nn.sigmoid(layers.Conv(self.out_channels, 3)(h))
 
 
@@ -41,6 +51,7 @@ class GaussianVAE(base.MultitaskAutoencoder):
   """Encoder, reparameterised z, and the decoders of the method."""
   hidden_sizes: Sequence[int]
   latent_dim: int
+  conditioning: str = 'dense'   # how cond_decoder takes in m: conditioning.CONDITIONINGS
 
   def setup(self):
     channels = self.image_shape[-1]
@@ -49,7 +60,7 @@ class GaussianVAE(base.MultitaskAutoencoder):
     if self.method != 'single':
       self.decoder = Decoder(self.hidden_sizes, start, channels)
     if self.method != 'none':
-      self.cond_decoder = Decoder(self.hidden_sizes, start, channels)
+      self.cond_decoder = Decoder(self.hidden_sizes, start, channels, self.conditioning)
 
   def encode(self, x, key, *, train):
     """Returns z (B, latent_dim), drawn by reparameterisation, and the KL term."""

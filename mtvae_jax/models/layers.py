@@ -9,7 +9,6 @@ products through onednn.matmul (oneDNN on CPUs); kernel gradients of
 convolutions and lhs-dilated convolutions are XLA's.
 """
 import functools
-import math
 
 import flax.linen as nn
 import jax
@@ -319,17 +318,6 @@ class Dense(nn.Module):
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (width, self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
     return concat_matmul(inputs, kernel) + bias
-
-
-def merge_condition(z, m, shape):
-  """Flatten z and m, concatenate, and map with one dense layer to `shape`.
-
-  z: (B, ...), m: (B, H, W, 1 + C) or None -> (B, *shape). Call inside a
-  compact method: the dense layer belongs to the calling module.
-  """
-  batch = z.shape[0]
-  inputs = [z.reshape(batch, -1)] + ([] if m is None else [m.reshape(batch, -1)])
-  return Dense(math.prod(shape))(*inputs).reshape(batch, *shape)
 
 
 def padded_side(side, num_down):

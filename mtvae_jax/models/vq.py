@@ -7,6 +7,7 @@ import jax.numpy as jnp
 
 from mtvae_jax import losses
 from mtvae_jax.models import base
+from mtvae_jax.models import conditioning
 from mtvae_jax.models import layers
 
 
@@ -66,22 +67,28 @@ class VectorQuantizer(nn.Module):
 class Decoder(nn.Module):
   """z_q (B, h, w, D) [+ m] -> (B, Hp, Wp, C) in [0, 1]; mirrors the encoder.
 
-  With m, z_q and m are flattened, concatenated and mapped back to the
-  (h, w, D) grid by one dense layer (thesis 3.2.3).
+  With m and conditioning 'dense', z_q and m are flattened, concatenated and
+  mapped back to the (h, w, D) grid by one dense layer (thesis 3.2.3); with
+  'spatial', m's features join z_q and every larger grid
+  (models/conditioning.py).
   """
   hidden_sizes: Sequence[int]
   num_residual_layers: int
   out_channels: int
+  conditioning: str = 'dense'
 
   @nn.compact
   def __call__(self, z_q, m=None, *, train):
-    h = z_q if m is None else layers.merge_condition(z_q, m, z_q.shape[1:])
-    h = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(h))
+    dense_m = conditioning.dense_input(m, self.conditioning)
+    h = z_q if dense_m is None else conditioning.merge_condition(z_q, dense_m, z_q.shape[1:])
+    levels = conditioning.spatial_levels(m, self.conditioning, self.hidden_sizes, z_q.shape[1:3])
+    h = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(conditioning.attach(h, levels)))
     for _ in range(self.num_residual_layers):
       h = layers.ResidualLayer()(h)
     h = layers.leaky_relu(h)
     for features in reversed(self.hidden_sizes[:-1]):
       h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 4)(h)))
+      h = conditioning.attach(h, levels)
     return nn.sigmoid(layers.up(self.out_channels, 4)(h))
 
 
@@ -92,6 +99,7 @@ class VQVAE(base.MultitaskAutoencoder):
   num_embeddings: int
   embedding_dim: int
   commitment_cost: float
+  conditioning: str = 'dense'   # how cond_decoder takes in m: conditioning.CONDITIONINGS
 
   def setup(self):
     channels = self.image_shape[-1]
@@ -101,7 +109,8 @@ class VQVAE(base.MultitaskAutoencoder):
     if self.method != 'single':
       self.decoder = Decoder(self.hidden_sizes, self.num_residual_layers, channels)
     if self.method != 'none':
-      self.cond_decoder = Decoder(self.hidden_sizes, self.num_residual_layers, channels)
+      self.cond_decoder = Decoder(self.hidden_sizes, self.num_residual_layers, channels,
+                                  self.conditioning)
 
   def encode(self, x, key=None, *, train):
     """Returns the straight-through z_q (B, h, w, D) and the VQ loss term."""

@@ -1,0 +1,76 @@
+"""How a conditioned decoder takes in m (B, H, W, 1 + C), set by config.conditioning.
+
+'dense': z and m are flattened, concatenated and mapped by one dense layer to
+the decoder's first grid; its kernel grows with the image size times the
+grid size.
+'spatial': m stays an image. A stack of stride-2 convolutions brings it to
+each grid of the decoder, from the padded image (level 0) to the first grid
+(level L); on every grid, the decoder's input is concatenated channel-wise
+with m's features there, so each output pixel sees the observed pixels near
+it. Level j has hidden_sizes[j - 1] // SPATIAL_WIDTH_DIVISOR channels (the
+encoder's width there, scaled down); level 0 is m itself.
+"""
+import math
+from typing import Sequence
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from mtvae_jax.models import layers
+
+CONDITIONINGS = ('dense', 'spatial')
+SPATIAL_WIDTH_DIVISOR = 4
+
+
+def merge_condition(z, m, shape):
+  """Flatten z and m, concatenate, and map with one dense layer to `shape`.
+
+  z: (B, ...), m: (B, H, W, 1 + C) or None -> (B, *shape). Call inside a
+  compact method: the dense layer belongs to the calling module.
+  """
+  batch = z.shape[0]
+  inputs = [z.reshape(batch, -1)] + ([] if m is None else [m.reshape(batch, -1)])
+  return layers.Dense(math.prod(shape))(*inputs).reshape(batch, *shape)
+
+
+def spatial_widths(hidden_sizes):
+  """Channels of m's features on levels 1..L."""
+  return tuple(max(1, size // SPATIAL_WIDTH_DIVISOR) for size in hidden_sizes)
+
+
+class SpatialCondition(nn.Module):
+  """m (B, H, W, 1 + C) -> {(h, w): features (B, h, w, c)}, one entry per level 0..L.
+
+  m is zero-padded at the bottom/right to the decoder's output grid, first
+  grid << L (L = len(widths)); level j is a 3x3 stride-2 convolution and
+  LeakyReLU of level j - 1, with widths[j - 1] channels.
+  """
+  widths: Sequence[int]
+
+  @nn.compact
+  def __call__(self, m, first_grid):
+    h = layers.pad_to(m, *(side << len(self.widths) for side in first_grid))
+    levels = {h.shape[1:3]: h}
+    for width in self.widths:
+      h = layers.leaky_relu(layers.down(width, 3)(h))
+      levels[h.shape[1:3]] = h
+    return levels
+
+
+def dense_input(m, conditioning):
+  """The m that the dense layer sees: m itself for 'dense', None otherwise."""
+  return m if conditioning == 'dense' else None
+
+
+def spatial_levels(m, conditioning, hidden_sizes, first_grid):
+  """m's features on every grid for `attach` ('spatial' and m given), else None."""
+  if conditioning != 'spatial' or m is None:
+    return None
+  return SpatialCondition(spatial_widths(hidden_sizes))(m, tuple(first_grid))
+
+
+def attach(h, levels):
+  """h (B, h, w, c) with m's features on its grid appended as channels; h itself for no levels."""
+  if levels is None:
+    return h
+  return jnp.concatenate([h, levels[h.shape[1:3]]], axis=-1)

@@ -1,10 +1,13 @@
 """Data sets: tfds sets (mocked, nothing downloads), image folders, the input pipeline."""
+import gzip
 import os
 import pathlib
 import re
+import struct
 import subprocess
 import sys
 import types
+import zlib
 
 import jax
 import numpy as np
@@ -12,6 +15,7 @@ from PIL import Image
 import pytest
 import tensorflow_datasets as tfds
 
+from conftest import run_main
 from conftest import small_config
 from mtvae_jax import config as config_lib
 from mtvae_jax import data
@@ -285,3 +289,183 @@ def test_batches_from_the_cache_are_the_batches_decoded_from_the_source(tmp_path
         assert got.dtype == np.float32 and np.array_equal(np.asarray(got), want)
   for got, want in zip(cached[1:], decoded[1:]):  # validation and test, in memory
     assert np.array_equal(got, want)
+
+
+def png_header_only(path, width, height):
+  """A PNG file whose header says width x height RGB, with a few rows of pixel data."""
+  def chunk(kind, body):
+    return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
+  rows = zlib.compress(b'\0' * (1 + 3 * width) * 4)
+  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2,
+                                                                      0, 0, 0))
+                   + chunk(b'IDAT', rows) + chunk(b'IEND', b''))
+
+
+def damage(path, how):
+  """Damages image file `path` in a way that only decoding finds."""
+  raw = bytearray(path.read_bytes())
+  if how == 'truncated PNG':
+    del raw[len(raw) // 2:]
+  elif how == 'corrupt IDAT':
+    start = raw.index(b'IDAT') + 4
+    raw[start:start + 8] = b'\xff' * 8
+  elif how == 'JPEG cut in its scan data':
+    del raw[raw.index(b'\xff\xda') + 40:]
+  path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize('how,reason', [
+    ('truncated PNG', 'image file is truncated'),
+    ('corrupt IDAT', 'broken data stream'),
+    ('JPEG cut in its scan data', 'image file is truncated'),
+])
+def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path, how, reason):
+  folder = write_images(tmp_path, 5, size=(16, 16))
+  if how.startswith('JPEG'):
+    for path in sorted(folder.iterdir()):
+      Image.open(path).save(path.with_suffix('.jpg'))
+      path.unlink()
+  bad = sorted(folder.iterdir())[2]
+  damage(bad, how)
+  assert images._output_shape(bad, 0, 0) == (16, 16, 3)  # the header is whole
+  with pytest.raises(UserError, match=re.escape(f'data file {bad} cannot be read ({reason}')) as error:
+    data.load(data_config('images', path=str(folder)), seed=0)
+  assert '\n' not in str(error.value) and 'replace it with a whole PNG or JPEG image' in str(error.value)
+
+
+def test_a_decompression_bomb_is_refused_before_decoding(tmp_path):
+  folder = write_images(tmp_path, 3)
+  png_header_only(folder / 'bomb.png', 30000, 30000)
+  with pytest.raises(UserError, match=re.escape(f'data file {folder / "bomb.png"} has more than '
+                                                '178,956,970 pixels, too many to decode safely')):
+    data.load(data_config('images', path=str(folder), image_size=8), seed=0)
+
+
+def test_a_file_changed_after_its_check_is_refused_not_misread(tmp_path):
+  folder = write_images(tmp_path, 3)
+  source = images.source(sorted(folder.iterdir()), crop=0, size=0)
+  Image.new('RGB', (20, 24)).save(folder / '001.png')  # another size since the check
+  with pytest.raises(UserError, match=re.escape(
+      f'data file {folder / "001.png"} changed while it was read: it now gives a (24, 20, 3) image, '
+      'not (20, 24, 3)')):
+    pipeline.in_memory(source)
+
+
+@pytest.mark.parametrize('count,fractions', [(1, {}), (2, {}), (
+    20, {'test_fraction': 0.99, 'validation_fraction': 0.99})])
+def test_too_few_images_for_three_splits_are_refused(tmp_path, count, fractions):
+  folder = write_images(tmp_path, count)
+  with pytest.raises(UserError, match=re.escape(
+      f'data set images gives no train image ({count} images in all, data.test_fraction=')) as error:
+    data.load(data_config('images', path=str(folder), **fractions), seed=0)
+  assert 'use at least 3 images, one per split, or smaller fractions' in str(error.value)
+
+
+def test_a_subfolder_that_cannot_be_listed_is_refused_not_skipped(tmp_path, monkeypatch):
+  folder = write_images(tmp_path / 'x', 4)
+  write_images(folder / 'more', 4, seed=1)
+  scandir = os.scandir
+  def refuse_more(path='.'):
+    if os.fspath(path).endswith('more'):
+      raise PermissionError(13, 'Permission denied', os.fspath(path))
+    return scandir(path)
+  monkeypatch.setattr(os, 'scandir', refuse_more)  # what an unreadable folder gives, even for root
+  with pytest.raises(UserError, match=re.escape(
+      f'data folder {folder / "more"} cannot be listed (Permission denied)')):
+    data.load(data_config('images', path=str(folder)), seed=0)
+
+
+def test_a_link_to_a_missing_image_is_refused_not_skipped(tmp_path):
+  folder = write_images(tmp_path / 'x', 4)
+  (folder / 'gone.png').symlink_to(tmp_path / 'unmounted' / 'gone.png')
+  with pytest.raises(UserError, match=re.escape(f'data file {folder / "gone.png"} is a link to ')):
+    data.load(data_config('images', path=str(folder)), seed=0)
+
+
+def write_idx(path, images):
+  """An IDX file of uint8 `images` (N, H, W), gzipped when path ends in .gz."""
+  raw = struct.pack('>4I', 0x803, *images.shape) + images.astype(np.uint8).tobytes()
+  path.write_bytes(gzip.compress(raw, mtime=0) if path.suffix == '.gz' else raw)
+  return path
+
+
+def damage_idx(path, how):
+  """Damages the IDX file `path`: its deflate data, gzip trailer, header or pixel count."""
+  raw = bytearray(path.read_bytes())
+  if how == 'corrupt deflate data':
+    raw[10] |= 0b110  # the first block's type: 3, which deflate reserves
+  elif how == 'truncated gzip':
+    del raw[-20:]
+  elif how == 'gzip checksum':
+    raw[-6] ^= 1
+  elif how == 'truncated header':
+    del raw[10:]
+  elif how == 'labels':
+    raw[:16] = struct.pack('>4I', 0x801, 0, 0, 0)
+  elif how == 'no pixels':
+    raw = bytearray(struct.pack('>4I', 0x803, 50, 0, 0))
+  elif how == 'no images':
+    raw = bytearray(struct.pack('>4I', 0x803, 0, 8, 8))
+  path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize('how,message', [
+    ('corrupt deflate data', 'cannot be read (Error -3 while decompressing data: invalid block type'),
+    ('truncated gzip', 'cannot be read (Compressed file ended before the end-of-stream marker'),
+    ('gzip checksum', 'cannot be read (CRC check failed'),
+    ('truncated header', 'has 10 bytes, too few for the 16 of an IDX header of images'),
+    ('labels', 'is not an IDX file of uint8 images (its magic number is 0x00000801, not 0x00000803)'),
+    ('no pixels', 'holds 50 images of 0x0 pixels: use a file of at least one image of at least 1x1'),
+    ('no images', 'holds 0 images of 8x8 pixels'),
+    ('a folder', 'cannot be read (Is a directory)'),
+])
+def test_a_damaged_or_empty_idx_file_is_named_in_one_line(tmp_path, how, message):
+  rng = np.random.default_rng(0)
+  suffix = '.gz' if 'gzip' in how or 'deflate' in how else ''
+  path = tmp_path / f'train-images-idx3-ubyte{suffix}'
+  write_idx(tmp_path / 't10k-images-idx3-ubyte', rng.integers(0, 256, (10, 8, 8)))
+  if how == 'a folder':
+    path.mkdir()
+  else:
+    damage_idx(write_idx(path, rng.integers(0, 256, (50, 8, 8))), how)
+  with pytest.raises(UserError, match=re.escape(f'data file {path} {message}')) as error:
+    data.load(data_config('idx', path=str(tmp_path)), seed=0)
+  assert '\n' not in str(error.value)
+
+
+def test_a_folder_at_the_cache_files_path_is_refused_before_decoding(tmp_path, monkeypatch):
+  config = data_config('images', path=str(write_images(tmp_path / 'x', 5)),
+                       cache_dir=str(tmp_path / 'cache'))
+  file = cache.path(images.source(sorted((tmp_path / 'x').iterdir()), 0, 0), 'images',
+                    config.cache_dir)
+  file.mkdir(parents=True)
+  decoded = counting_decodes(monkeypatch)
+  with pytest.raises(UserError, match=re.escape(
+      f'the decoded cache of images would be written to {file}, which is not a file: remove what '
+      'is there, or set data.cache_dir to a writable folder, or to none')):
+    data.load(config, seed=0)
+  assert not decoded
+
+
+def test_a_cache_file_that_cannot_be_created_is_refused_in_one_line(tmp_path, monkeypatch):
+  config = data_config('images', path=str(write_images(tmp_path / 'x', 5)),
+                       cache_dir=str(tmp_path / 'cache'))
+  def read_only(*args, **kwargs):  # what a read-only cache folder gives, even for root
+    raise PermissionError(13, 'Permission denied')
+  monkeypatch.setattr(np.lib.format, 'open_memmap', read_only)
+  with pytest.raises(UserError, match=re.escape(
+      f'the decoded cache of images cannot be written to {tmp_path / "cache"}')) as error:
+    data.load(config, seed=0)
+  assert '(Permission denied): set data.cache_dir to a writable folder' in str(error.value)
+
+
+def test_a_damaged_image_in_a_decode_worker_ends_the_command_line_with_one_line(tmp_path):
+  folder = write_images(tmp_path / 'x', 5, size=(16, 16))
+  damage(folder / '003.png', 'truncated PNG')
+  result = run_main('--config=configs/gauss_multi.py', '--config.data.name=images',
+                    f'--config.data.path={folder}', '--config.data.num_workers=1',
+                    f'--config.data.cache_dir={tmp_path / "cache"}', f'--workdir={tmp_path / "run"}')
+  assert result.returncode == 2
+  assert result.stderr == (
+      f'error: data file {folder / "003.png"} cannot be read (image file is truncated): replace it '
+      'with a whole PNG or JPEG image, or remove it\n')

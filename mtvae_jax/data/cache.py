@@ -55,15 +55,23 @@ def _open(file, shape):
   return array if array.shape == shape and array.dtype == np.uint8 else None
 
 
+def _elsewhere(name):
+  """What a user can do about a cache folder that cannot hold the cache of data set `name`."""
+  return f'set data.cache_dir to a writable folder, or to {NONE} to decode {name} every epoch'
+
+
 def _check_room(file, name, nbytes, cache_dir):
-  """UserError in one line unless file's folder can be made and has nbytes free."""
+  """UserError in one line unless file's folder can be made and has nbytes free, and nothing but
+  a file is at `file`."""
   where = file.parent
   try:
     where.mkdir(parents=True, exist_ok=True)
   except OSError as e:
     raise UserError(f"data.cache_dir='{cache_dir}': the cache folder {where} cannot be made "
-                    f'({e.strerror}): set data.cache_dir to a writable folder, or to '
-                    f'{NONE} to decode {name} every epoch') from None
+                    f'({e.strerror}): {_elsewhere(name)}') from None
+  if file.exists() and not file.is_file():
+    raise UserError(f'the decoded cache of {name} would be written to {file}, which is not a file: '
+                    f'remove what is there, or {_elsewhere(name)}')
   free = shutil.disk_usage(where).free
   if free < nbytes:
     raise UserError(f'the decoded cache of {name} needs {nbytes / 1e9:.2f} GB in {where}, which '
@@ -91,19 +99,26 @@ def remove_abandoned(file):
   """Deletes the partial files of `file` that killed processes of this host left behind."""
   for partial in file.parent.glob(partial_path(file, '*').name):
     pid = partial.name.rsplit('.', 2)[1]
-    if pid.isdigit() and not _alive(int(pid)):
+    if pid.isdigit() and partial.is_file() and not _alive(int(pid)):
       partial.unlink(missing_ok=True)
 
 
-def build(source, file, num_workers):
-  """Decodes every record of `source` (by grain, in num_workers processes) into `file`:
-  a uint8 .npy (N, H, W, C), written under a temporary name and renamed when complete."""
+def build(source, file, name, num_workers):
+  """Decodes every record of `source` (by grain, in num_workers processes) into `file`, the cache
+  of data set `name`: a uint8 .npy (N, H, W, C), written under a temporary name and renamed when
+  complete."""
   whole = source.view(None)
   partial = partial_path(file, os.getpid())
   try:
     out = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=whole.shape)
+  except OSError as e:  # what it may have written, remove_abandoned deletes
+    raise UserError(f'the decoded cache of {name} cannot be written to {partial} '
+                    f'({e.strerror}): {_elsewhere(name)}') from None
+  try:
     rows = pipeline.chunks(len(whole), CHUNK)
-    with tqdm.tqdm(total=len(whole), desc='decoding', unit='images', file=sys.stderr) as bar:
+    # On a terminal only (disable=None), and erased when done or failed: an error's line stands alone.
+    with tqdm.tqdm(total=len(whole), desc='decoding', unit='images', file=sys.stderr,
+                   disable=None, leave=False) as bar:
       for chunk, batch in zip(rows, pipeline.stream(whole, rows, num_workers)):
         out[chunk[0]:chunk[-1] + 1] = batch
         bar.update(len(chunk))
@@ -130,6 +145,6 @@ def cached(images, name, cache_dir, num_workers):
     _check_room(file, name, nbytes, cache_dir)
     print(f'decoding the {shape[0]:,} images of {name} once into {file} ({nbytes / 1e9:.2f} GB)',
           flush=True)
-    build(images, file, num_workers)
+    build(images, file, name, num_workers)
     array = _open(file, shape)
   return pipeline.Cached(array, images.rows)

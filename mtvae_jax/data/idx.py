@@ -7,6 +7,7 @@ Debian's package dataset-fashion-mnist installs such a folder at
 """
 import gzip
 import pathlib
+import zlib
 
 import numpy as np
 
@@ -18,20 +19,31 @@ PATTERNS = ('*images-idx3-ubyte', '*images-idx3-ubyte.gz', '*images.idx3-ubyte',
 
 
 def read_images(path):
-  """An IDX file of uint8 images (magic 0x00000803) -> float32 (N, H, W, 1) in [0, 1]."""
+  """An IDX file of uint8 images (magic 0x00000803) -> float32 (N, H, W, 1) in [0, 1].
+
+  UserError naming the file when it cannot be read, is damaged, or holds no pixels.
+  """
   opener = gzip.open if path.suffix == '.gz' else open
   try:
     with opener(path, 'rb') as f:
       raw = f.read()
-  except (OSError, EOFError) as e:
-    raise UserError(f'data file {path} cannot be read: {e}') from None
-  header = np.frombuffer(raw[:16], '>u4') if len(raw) >= 16 else np.zeros(0)
-  if len(header) != 4 or header[0] != 0x00000803:
-    raise UserError(f'data file {path} is not an IDX file of uint8 images (wrong magic number)')
-  count, height, width = (int(v) for v in header[1:])
+  except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    raise UserError(f'data file {path} cannot be read ({reason}): replace it with a whole '
+                    'IDX file') from None
+  if len(raw) < 16:
+    raise UserError(f'data file {path} has {len(raw)} bytes, too few for the 16 of an IDX header '
+                    'of images')
+  magic, count, height, width = (int(v) for v in np.frombuffer(raw[:16], '>u4'))
+  if magic != 0x00000803:
+    raise UserError(f'data file {path} is not an IDX file of uint8 images (its magic number is '
+                    f'{magic:#010x}, not 0x00000803)')
   if len(raw) != 16 + count * height * width:
     raise UserError(f'data file {path} holds {len(raw) - 16} bytes of pixels, its header '
                     f'promises {count}x{height}x{width}')
+  if not count * height * width:
+    raise UserError(f'data file {path} holds {count} images of {height}x{width} pixels: use a '
+                    'file of at least one image of at least 1x1 pixels')
   images = np.frombuffer(raw, np.uint8, offset=16).reshape(count, height, width, 1)
   return images.astype(np.float32) / 255.0
 

@@ -5,8 +5,10 @@ RGB PNG/JPEG. Subfolders `train/` and `test/` give the official split;
 otherwise the test split is cut off by data.test_fraction. Each image is
 centre-cropped to data.crop_size x data.crop_size (0: no crop), then resized
 to data.image_size x data.image_size (0: no resize); all must end up the same
-size. The files are checked up front (headers only) and decoded on demand.
+size. The files are checked up front (headers only) and decoded on demand; a
+file that cannot be read or decoded is a UserError naming it.
 """
+import contextlib
 import functools
 import os
 import pathlib
@@ -38,19 +40,41 @@ def to_array(image, channels):
   return np.asarray(image, np.uint8).reshape(image.height, image.width, channels)
 
 
-def decode(path, crop, size):
-  """An image file -> uint8 (H, W, C), cropped and resized."""
-  with Image.open(path) as image:
-    return to_array(crop_and_resize(image, crop, size), CHANNELS[image.mode])
+@contextlib.contextmanager
+def _opened(path, load):
+  """The PIL image of file `path`, its pixels decoded when `load`, closed on exit.
 
-
-def _output_shape(path, crop, size):
-  """(H, W, C) that `decode` gives for `path`, from its header; UserError if it is no usable image."""
+  UserError naming the file when PIL cannot open or decode it.
+  """
+  image = None
   try:
-    with Image.open(path) as image:
-      kind, mode, (width, height) = image.format, image.mode, image.size
-  except (OSError, ValueError):
-    raise UserError(f'data file {path} is not a PNG or JPEG image') from None
+    image = Image.open(path)
+    if load:
+      image.load()
+  except Exception as e:  # pylint: disable=broad-exception-caught  # PIL's many error types
+    if image is not None:
+      image.close()
+    raise UserError(_unreadable(path, e)) from None
+  with image:
+    yield image
+
+
+def _unreadable(path, error):
+  """The one line for an image file that PIL cannot open or decode."""
+  if isinstance(error, Image.UnidentifiedImageError):
+    return f'data file {path} is not a PNG or JPEG image'
+  if isinstance(error, Image.DecompressionBombError):
+    return (f'data file {path} has more than {2 * Image.MAX_IMAGE_PIXELS:,} pixels, too many to '
+            'decode safely: use smaller PNG or JPEG images')
+  reason = error.strerror if isinstance(error, OSError) and error.strerror else (
+      str(error).strip().splitlines() or [type(error).__name__])[0]
+  return (f'data file {path} cannot be read ({reason}): replace it with a whole PNG or JPEG '
+          'image, or remove it')
+
+
+def _shape(path, image, crop, size):
+  """(H, W, C) that `decode` gives for the PIL image of `path`; UserError if it is no usable image."""
+  kind, mode, (width, height) = image.format, image.mode, image.size
   if kind not in FORMATS:
     raise UserError(f'data file {path} is a {kind} image: use PNG or JPEG files')
   if mode not in CHANNELS:
@@ -59,6 +83,23 @@ def _output_shape(path, crop, size):
     raise UserError(f'data file {path} is {width}x{height}, smaller than data.crop_size={crop}')
   side = size or crop
   return (side or height, side or width, CHANNELS[mode])
+
+
+def decode(path, crop, size, shape):
+  """An image file -> uint8 `shape` (H, W, C), cropped and resized; UserError if it is damaged
+  or, changed since it was checked, gives another shape."""
+  with _opened(path, load=True) as image:
+    got = _shape(path, image, crop, size)
+    if got != shape:
+      raise UserError(f'data file {path} changed while it was read: it now gives a {got} image, '
+                      f'not {shape}')
+    return to_array(crop_and_resize(image, crop, size), shape[-1])
+
+
+def _output_shape(path, crop, size):
+  """(H, W, C) that `decode` gives for `path`, from its header; UserError if it is no usable image."""
+  with _opened(path, load=False) as image:
+    return _shape(path, image, crop, size)
 
 
 def _stamp(path):
@@ -76,16 +117,31 @@ def source(files, crop, size):
       raise UserError(f'data file {path} gives a {other} image, {files[0]} a {shape} one: '
                       'use images of one size and type, or set data.crop_size / data.image_size')
   identity = cache.digest('files', [_stamp(p) for p in files], crop, size)
-  return pipeline.Source([str(p) for p in files], functools.partial(decode, crop=crop, size=size),
-                         shape, identity)
+  return pipeline.Source([str(p) for p in files],
+                         functools.partial(decode, crop=crop, size=size, shape=shape), shape, identity)
 
 
 def _files(folder):
-  files = sorted(p for p in folder.rglob('*')
-                 if p.is_file() and not any(part.startswith('.') for part in p.relative_to(folder).parts))
+  """The image files under `folder`, sorted, hidden ones aside; UserError for a subfolder that
+  cannot be listed or a link to nothing, rather than leaving their images out."""
+  def refuse(error):
+    raise UserError(f'data folder {error.filename} cannot be listed ({error.strerror}): make it '
+                    'readable, or move it out of data.path')
+  files = []
+  for where, subfolders, names in os.walk(folder, onerror=refuse):
+    subfolders[:] = [name for name in subfolders if not name.startswith('.')]
+    for name in names:
+      path = pathlib.Path(where, name)
+      if name.startswith('.'):
+        continue
+      if path.is_file():  # not a pipe or socket
+        files.append(path)
+      elif path.is_symlink() and not path.exists():
+        raise UserError(f'data file {path} is a link to {os.readlink(path)}, which does not exist: '
+                        'restore that file, or remove the link')
   if not files:
     raise UserError(f"data.path='{folder}' holds no image files")
-  return files
+  return sorted(files)
 
 
 def load_folder(data_config, seed, crop, size):

@@ -45,14 +45,23 @@ def split(train_images, test_images, data_config, seed):
 
   Validation is data.validation_fraction of the rest, or with data.num_folds
   >= 2 fold data.fold of it (k-fold cross-validation); the test split is the
-  same for every fold.
+  same for every fold. UserError when a split would be empty.
   """
   if test_images is None:
     train_images, test_images = take_fraction(
         train_images, data_config.test_fraction, seed, 'test')
+  total = len(train_images) + len(test_images)
   if data_config.num_folds:
     train, validation = fold(train_images, data_config.num_folds, data_config.fold, seed + 1)
   else:
     train, validation = take_fraction(
         train_images, data_config.validation_fraction, seed + 1, 'validation')
-  return Splits(train, validation, test_images)
+  splits = Splits(train, validation, test_images)
+  for name, images in splits._asdict().items():
+    if not len(images):
+      raise UserError(
+          f'data set {data_config.name} gives no {name} image ({total} images in all, '
+          f'data.test_fraction={data_config.test_fraction}, data.validation_fraction='
+          f'{data_config.validation_fraction}): use at least 3 images, one per split, or smaller '
+          'fractions')
+  return splits

@@ -12,8 +12,6 @@ import urllib.parse
 
 import ml_collections
 from PIL import Image
-import requests
-import tensorflow_datasets as tfds
 
 from mtvae_jax.data import cache
 from mtvae_jax.data import images
@@ -68,6 +66,7 @@ def decode(record, crop, size):
 
 def reachable(urls):
   """Whether every host of `urls` answers an HTTP request within PROBE_TIMEOUT_S (proxies honoured)."""
+  import requests  # pylint: disable=import-outside-toplevel  # only when a set is downloaded
   hosts = {urllib.parse.urlsplit(url)._replace(path='/', query='', fragment='').geturl()
            for url in urls}
   try:
@@ -80,6 +79,7 @@ def reachable(urls):
 
 def open_splits(dataset, data_dir):
   """tfds data sources of dataset.train and dataset.test, downloading the set if needed."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # 0.3 s to import
   builder = tfds.builder(dataset.tfds_name, data_dir=data_dir or None, file_format='array_record')
   where = data_dir or tfds.core.constants.DATA_DIR
   if not (builder.data_path.exists() and builder.is_prepared()):  # the first test keeps tfds quiet

@@ -1,0 +1,67 @@
+"""The thesis's experiment grid (its 4.3), one named row per table row. Argument: the data set.
+
+Each row trains one model: `model` ('gaussian' | 'vq'), network configuration
+`preset`, `method` ('none' | 'multi' | 'single'), how the conditioning pixels
+are drawn (`sampling`, `count` 'fixed' or 'power_law', power-law `exponent`)
+and the loss `balancing` ('fixed' | 'softadapt'); fields a method does not
+use are None. `python -m experiments.thesis --grid=configs/thesis.py:<data set>`
+runs every row's folds.
+
+- 'mnist', 'fashion_mnist', 'cifar10', 'celeb_a': the thesis's grid, 45 rows.
+  Per model and configuration: the baseline; the multidecoder with exact and
+  uniform sampling, each with fixed weights and with SoftAdapt; the single
+  decoder with uniform and Gaussian sampling, each at power-law exponents 20
+  and 60 (the ends of the thesis's range 20-60).
+- 'digits': the smallest grid that tests every claim, 8 rows: per model,
+  configuration 1's baseline, multidecoder (exact sampling) and single decoder
+  (uniform sampling) at exponents 20 and 60.
+"""
+import ml_collections
+
+from mtvae_jax.errors import UserError
+
+PRESETS = {'gaussian': (1, 2), 'vq': (1, 2, 3)}
+SHORT = {'gaussian': 'gauss', 'vq': 'vq'}
+EXPONENTS = (20, 60)
+FULL_GRID_DATA = ('mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
+
+
+def row(model, preset, method, sampling=None, exponent=None, balancing='fixed'):
+  """(name, fields) of one row; multi counts a fixed number of pixels, single a power-law one."""
+  count = {'none': None, 'multi': 'fixed', 'single': 'power_law'}[method]
+  words = [f'{SHORT[model]}{preset}', 'base' if method == 'none' else method]
+  words += [w for w in (sampling, exponent and f'a{exponent}') if w]
+  words += ['softadapt'] if balancing == 'softadapt' else []
+  return '_'.join(words), dict(model=model, preset=preset, method=method, sampling=sampling,
+                               count=count, exponent=exponent, balancing=balancing)
+
+
+def family(model, preset):
+  """The thesis's nine rows of one model and configuration."""
+  rows = [row(model, preset, 'none')]
+  rows += [row(model, preset, 'multi', sampling, balancing=balancing)
+           for balancing in ('fixed', 'softadapt') for sampling in ('exact', 'uniform')]
+  rows += [row(model, preset, 'single', sampling, exponent)
+           for sampling in ('uniform', 'gaussian') for exponent in EXPONENTS]
+  return rows
+
+
+def smallest(model):
+  """Configuration 1's baseline, multidecoder and single decoders at both exponents."""
+  return [row(model, 1, 'none'), row(model, 1, 'multi', 'exact')] + [
+      row(model, 1, 'single', 'uniform', exponent) for exponent in EXPONENTS]
+
+
+def get_config(arg='digits'):
+  if arg == 'digits':
+    rows = smallest('gaussian') + smallest('vq')
+  elif arg in FULL_GRID_DATA:
+    rows = [r for model, presets in PRESETS.items() for preset in presets
+            for r in family(model, preset)]
+  else:
+    raise UserError(f"grid argument '{arg}' is not allowed: use one of digits, "
+                    f"{', '.join(FULL_GRID_DATA)}")
+  config = ml_collections.ConfigDict()
+  config.data = arg
+  config.rows = ml_collections.ConfigDict(dict(rows))
+  return config

@@ -1,0 +1,138 @@
+"""Command line: the thesis's grid, cross-validated, with its table, claims and figures.
+
+python -m experiments.thesis --grid=configs/thesis.py:<data set> --workdir=DIR [--folds=5]
+    [--rows=<glob>[,<glob>...]] [--executor=local|slurm] [--parallel=N] [--dry_run]
+    [--config.<key>=<value> ...]
+
+Trains each pending (row, fold) of the grid with experiments.main into
+DIR/<row>/fold_<i>, then writes DIR/report.md, DIR/report.json and
+DIR/figures/. Finished folds are kept and interrupted ones resume, so the
+same command finishes a grid after a stop, a kill or a crash. --config.*
+overrides apply to every row (e.g. --config.train.num_epochs=3). Mistakes
+end the program with one line and exit status 2; failed runs with status 1.
+"""
+import shlex
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+import mtvae_jax
+from mtvae_jax import thesis
+
+_GRID = config_flags.DEFINE_config_file(
+    'grid', None, 'Grid file and its data set, e.g. configs/thesis.py:fashion_mnist.')
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the grid: one subfolder per row.')
+_FOLDS = flags.DEFINE_integer('folds', 5, 'Folds k >= 2 of the cross-validation.')
+_ROWS = flags.DEFINE_string('rows', '', 'Comma-separated globs of the row names to run '
+                            '(default: all), e.g. "gauss1_*,vq1_base".')
+_EXECUTOR = flags.DEFINE_enum('executor', 'local', ['local', 'slurm'],
+                              'local: child processes on this node; slurm: a submitit job array.')
+_PARALLEL = flags.DEFINE_integer('parallel', 1, 'local: runs at a time (one GPU each where the '
+                                 'node has several, else a share of the CPU cores each).')
+_DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and which are done; run nothing.')
+_CLUSTER = flags.DEFINE_enum('slurm_cluster', 'slurm', ['slurm', 'local', 'debug'],
+                             "slurm: submit to SLURM; local, debug: submitit's executors that run "
+                             'the job array on this machine, to try a setup.')
+_PARTITION = flags.DEFINE_string('slurm_partition', '', 'SLURM partition (default: the cluster\'s).')
+_TIME = flags.DEFINE_integer('slurm_time', 24 * 60, 'Time limit of each job in minutes.')
+_GPUS = flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job.')
+_CPUS = flags.DEFINE_integer('slurm_cpus', 0, 'CPUs per job (0: the cluster\'s default).')
+_ARRAY = flags.DEFINE_integer('slurm_array_parallelism', 32, 'Jobs of the array running at once.')
+
+
+def fail(message, status=2):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(status)
+
+
+def split_overrides(argv):
+  """(the program's own flags, the --config.<key>=<value> overrides for experiments.main)."""
+  own, overrides = [], []
+  for arg in argv:
+    if arg.startswith('--config.'):
+      if '=' not in arg:
+        fail(f"{arg}: give overrides as --config.<key>=<value>")
+      overrides.append(arg)
+    elif arg == '--config' or arg.startswith('--config='):
+      fail('--config is not a flag of experiments.thesis: the grid sets each row\'s config; '
+           'use --grid, and --config.<key>=<value> to override a key in every row')
+    else:
+      own.append(arg)
+  return own, overrides
+
+
+OVERRIDES = []
+
+
+def parse_flags(argv):
+  own, OVERRIDES[:] = split_overrides(argv)
+  try:
+    rest = flags.FLAGS(own)
+    if not flags.FLAGS['grid'].present:
+      fail('--grid is required, e.g. --grid=configs/thesis.py:digits')
+    if not flags.FLAGS.workdir:
+      fail('--workdir is required: the folder of the grid\'s runs and report')
+    _GRID.value.rows  # pylint: disable=pointless-statement  # a bad grid file fails here
+  except mtvae_jax.UserError as e:
+    fail(str(e))
+  except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    message = lines[-1] if lines else type(e).__name__
+    fail(message.split('UserError: ')[-1])
+  if len(rest) > 1:
+    fail(f'unexpected arguments: {" ".join(rest[1:])}')
+  return rest
+
+
+def dry_run(commands, runs):
+  for name, args in commands.items():
+    print(f'{name}: python -m experiments.main {shlex.join(args)}')
+  statuses = [thesis.status(run) for run in runs]
+  for run, state in zip(runs, statuses):
+    print(f'{state:8} {run.name}')
+  print(', '.join(f'{statuses.count(s)} {s}' for s in ('done', 'started', 'pending')))
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  grid, workdir = _GRID.value, _WORKDIR.value
+  configs_dir = config_flags.get_config_filename(flags.FLAGS['grid']).rpartition('/')[0] or '.'
+  try:
+    rows = thesis.select(grid.rows.to_dict(), _ROWS.value)
+    commands, runs = thesis.expand(rows, _FOLDS.value, workdir, configs_dir, grid.data, OVERRIDES)
+    if _DRY_RUN.value:
+      for args in commands.values():
+        thesis.resolve(args)
+      dry_run(commands, runs)
+      return
+    if _PARALLEL.value < 1:
+      raise mtvae_jax.UserError(f'--parallel={_PARALLEL.value} is not allowed: use an integer >= 1')
+    with thesis.locked(workdir):
+      thesis.check(commands, workdir)
+      pending = [run for run in runs if thesis.status(run) != 'done']
+      print(f'{len(runs) - len(pending)} of {len(runs)} runs done, {len(pending)} to run')
+      if _EXECUTOR.value == 'local':
+        failures = thesis.run_local(pending, _PARALLEL.value)
+      else:
+        failures = thesis.run_submitit(
+            pending, workdir, _CLUSTER.value, _PARTITION.value, _TIME.value, _GPUS.value,
+            _ARRAY.value, _CPUS.value)
+      network = {model for model in ('gaussian', 'vq')
+                 if any(o.startswith(f'--config.{model}.') for o in OVERRIDES)}
+      command = shlex.join(['python', '-m', 'experiments.thesis', *sys.argv[1:]])
+      thesis.write_report(workdir, rows, _FOLDS.value, command, network)
+      print(f'report: {workdir}/report.md')
+  except mtvae_jax.UserError as e:
+    fail(str(e))
+  if failures:
+    fail(f'{len(failures)} of {len(pending)} runs failed: '
+         + '; '.join(f'{f.run.name} ({f.reason}; log {f.run.log})' for f in failures)
+         + '; rerun the same command to retry them', status=1)
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)

@@ -1,21 +1,34 @@
 """Figures as PNG, and the image grids that TensorBoard shows too.
 
 Plots use matplotlib's object-oriented API (`Figure` rendered by Agg), so
-importing this module never changes the pyplot backend of a notebook.
+importing this module never changes the pyplot backend of a notebook;
+matplotlib itself is imported by the first plot.
 """
 from typing import NamedTuple
 
 import jax
-from matplotlib import ticker
-from matplotlib.figure import Figure
 import numpy as np
 
 DECODER_TITLES = {'recon': 'p(x | z)', 'recon_cond': 'p(x | z, m)'}
 UNOBSERVED = 0.5  # grey for the pixels a mask hides
+# The y axis of losses.png's left panel, by regularizer, and of its right panel.
+REGULARIZER_LABELS = {'kl': 'KL divergence per image (nats)',
+                      'vq': 'codebook + commitment loss per latent vector'}
+RECON_LABEL = 'mean squared error per pixel value'
+
+
+def _figure(**kwargs):
+  """A matplotlib Figure of `kwargs`, rendered by Agg (matplotlib takes 0.3 s to import)."""
+  from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+  return Figure(**kwargs)
 
 
 class Column(NamedTuple):
-  """One column of an image grid: images (N, H, W, C) drawn with `cmap` on [0, vmax]."""
+  """One column of an image grid: images (N, H, W, C) drawn with `cmap` on [0, vmax].
+
+  A column of another colour map than gray holds values rather than images,
+  and gets a colour bar.
+  """
   title: str
   images: np.ndarray
   cmap: str = 'gray'
@@ -63,21 +76,44 @@ def tile(columns, gap=1):
 
 
 def save_image_grid(path, columns, row_titles=()):
-  """One image per cell, a title over each column (and left of each row), as PNG to `path`."""
+  """One image per cell, a title over each column (and left of each row), a colour bar under each
+  column of values (`Column`), as PNG to `path`."""
   rows = len(columns[0].images)
-  fig = Figure(figsize=(1.3 * len(columns), 1.3 * rows + 0.3), layout='constrained')
+  bars = any(column.cmap != 'gray' for column in columns)
+  fig = _figure(figsize=(1.3 * len(columns), 1.3 * rows + 0.3 + 0.5 * bars), layout='constrained')
   axes = fig.subplots(rows, len(columns), squeeze=False)
   for j, column in enumerate(columns):
     axes[0, j].set_title(column.title, fontsize=9)
     for i in range(rows):
       image = column.images[i]
-      axes[i, j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap=column.cmap,
-                        vmin=0.0, vmax=column.vmax, interpolation='nearest')
+      shown = axes[i, j].imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap=column.cmap,
+                                vmin=0.0, vmax=column.vmax, interpolation='nearest')
       axes[i, j].set_axis_off()
+    if column.cmap != 'gray':
+      bar = fig.colorbar(shown, ax=axes[:, j], location='bottom', fraction=0.5 / (1.3 * rows),
+                         aspect=10)
+      bar.ax.tick_params(labelsize=7)
   for ax, title in zip(axes[:, 0], row_titles):
     ax.text(-0.1, 0.5, title, rotation=90, ha='right', va='center', fontsize=9,
             transform=ax.transAxes)
   fig.savefig(path, dpi=100)
+
+
+def save_grid(path, grid, title, column_titles=()):
+  """A uint8 image grid (H, W, C) as PNG to `path`, pixel for pixel, under `title`; with
+  column_titles, one over each of that many equally wide columns of the grid."""
+  height, width, _ = grid.shape
+  dpi, header = 100, 16 * (1 + bool(column_titles))  # pixels above the grid for the titles
+  fig = _figure(figsize=(width / dpi, (height + header) / dpi), dpi=dpi)
+  ax = fig.add_axes((0.0, 0.0, 1.0, height / (height + header)))
+  # RGB, not a gray colour map: its lookup table would move some values by one.
+  ax.imshow(np.broadcast_to(grid, (height, width, 3)), interpolation='nearest')
+  ax.set_axis_off()
+  fig.text(0.5, 1.0 - 2 / (height + header), title, ha='center', va='top', fontsize=8)
+  for j, column_title in enumerate(column_titles):
+    ax.text((j + 0.5) / len(column_titles), 1.0, column_title, ha='center', va='bottom',
+            fontsize=7, transform=ax.transAxes)
+  fig.savefig(path, dpi=dpi)
 
 
 def save_loss_curves(path, histories, regularizer):
@@ -86,13 +122,16 @@ def save_loss_curves(path, histories, regularizer):
   Left: the KL or VQ term; right: the reconstruction loss of decoder 1 (the
   thesis's figures 4.2 and 4.4-4.6).
   """
-  fig = Figure(figsize=(10, 3.5), layout='constrained')
+  from matplotlib import ticker  # pylint: disable=import-outside-toplevel
+  fig = _figure(figsize=(10, 3.5), layout='constrained')
   axes = fig.subplots(1, 2)
-  for ax, metric, title in ((axes[0], f'val/{regularizer}_loss', f'{regularizer.upper()} loss'),
-                            (axes[1], 'val/recon_loss', 'reconstruction loss, decoder 1')):
+  for ax, metric, title, ylabel in (
+      (axes[0], f'val/{regularizer}_loss', f'{regularizer.upper()} loss',
+       REGULARIZER_LABELS[regularizer]),
+      (axes[1], 'val/recon_loss', 'reconstruction loss, decoder 1', RECON_LABEL)):
     for label, history in histories.items():
       ax.plot([r['epoch'] for r in history], [r[metric] for r in history], label=label)
-    ax.set(title=f'validation {title}', xlabel='epoch', yscale='log')
+    ax.set(title=f'validation {title}', xlabel='epoch', ylabel=ylabel, yscale='log')
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     ax.legend()
   fig.savefig(path, dpi=100)
@@ -100,7 +139,7 @@ def save_loss_curves(path, histories, regularizer):
 
 def save_sparse_curve(path, curve):
   """Test reconstruction error against observed pixels, one line per sampling type."""
-  fig = Figure(figsize=(6, 4), layout='constrained')
+  fig = _figure(figsize=(6, 4), layout='constrained')
   ax = fig.subplots()
   for sampling, errors in curve['errors'].items():
     ax.plot(curve['num_pixels'], errors, marker='o', label=f'{sampling} sampling')

@@ -14,6 +14,7 @@ logits divided by T, and looks up their z_q. T is the temperature.
   samples.png       grid of the samples
   completions.png   grid of the completions
   given_pixels.png  the test image | its given pixels (the others blue) | mean | 2 * std
+  (each grid drawn pixel for pixel under its title, figures.save_grid)
   samples.npz       every array above, float32
 """
 import math
@@ -22,8 +23,8 @@ import pathlib
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 
+from mtvae_jax import figures
 from mtvae_jax import masks
 from mtvae_jax import prior
 from mtvae_jax import train
@@ -32,6 +33,7 @@ from mtvae_jax.errors import UserError
 SAMPLES_DIR = 'samples'
 MIN_SIDE = 64       # images are enlarged (nearest neighbour) to at least this many pixels a side
 UNOBSERVED = (0.15, 0.3, 0.9)   # RGB of the pixels not given, in given_pixels.png
+GIVEN_PIXELS_TITLES = ('test image', 'given pixels', 'mean', '2 × std')
 
 
 def gaussian_latents(run):
@@ -89,10 +91,6 @@ def image_grid(images, columns):
   grid = np.pad(grid.reshape(rows * cell_h, columns * cell_w, channels),
                 ((1, 0), (1, 0), (0, 0)), constant_values=0.5)
   return np.round(255 * np.clip(grid, 0.0, 1.0)).astype(np.uint8)
-
-
-def save_png(path, grid):
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
 
 
 def _rgb(images):
@@ -166,9 +164,12 @@ def write_samples(folder, out):
   except OSError as e:
     raise UserError(f"samples folder '{folder}' cannot be created: {e.strerror}") from None
   columns = math.ceil(math.sqrt(len(out['samples'])))
-  save_png(folder / 'samples.png', image_grid(out['samples'], columns))
+  figures.save_grid(folder / 'samples.png', image_grid(out['samples'], columns),
+                    'samples from the prior')
   if 'completions' in out:
-    save_png(folder / 'completions.png', image_grid(out['completions'], columns))
-    save_png(folder / 'given_pixels.png', image_grid(
-        given_pixels_panel(out['image'], out['mask'], out['mean'], out['std']), columns=4))
+    figures.save_grid(folder / 'completions.png', image_grid(out['completions'], columns),
+                      'completions of the given pixels')
+    figures.save_grid(folder / 'given_pixels.png', image_grid(
+        given_pixels_panel(out['image'], out['mask'], out['mean'], out['std']), columns=4),
+                      'a test image and its completions', GIVEN_PIXELS_TITLES)
   np.savez(folder / 'samples.npz', **out)

@@ -153,12 +153,13 @@ def test_command_line_writes_png_grids_of_samples_and_completions(vq_run):
   arrays = np.load(folder / 'samples.npz')
   assert arrays['samples'].shape == arrays['completions'].shape == (6, 8, 8, 1)
   assert 1 <= arrays['mask'].sum() <= 5  # gaussian draws may repeat a pixel
-  for name, mode, (rows, columns) in (('samples', 'L', (2, 3)), ('completions', 'L', (2, 3)),
-                                      ('given_pixels', 'RGB', (1, 4))):
-    png = Image.open(folder / f'{name}.png')
-    assert png.mode == mode
-    assert png.size == (columns * (generate.MIN_SIDE + 1) + 1, rows * (generate.MIN_SIDE + 1) + 1)
-    assert np.asarray(png).std() > 0
+  panel = generate.given_pixels_panel(*(arrays[key] for key in ('image', 'mask', 'mean', 'std')))
+  for name, images, columns in (('samples', arrays['samples'], 3),
+                                ('completions', arrays['completions'], 3), ('given_pixels', panel, 4)):
+    grid = generate.image_grid(images, columns)
+    png = np.asarray(Image.open(folder / f'{name}.png'))[..., :3]
+    np.testing.assert_array_equal(png[-len(grid):], np.broadcast_to(grid, (*grid.shape[:2], 3)))
+    assert png[:-len(grid)].min() < 128  # a title above the grid
 
 
 def test_command_line_refuses_a_config_flag(vq_run):

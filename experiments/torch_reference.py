@@ -21,6 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from mtvae_jax import masks
+from mtvae_jax.models import conditioning
 from mtvae_jax.models import layers
 
 
@@ -53,6 +54,46 @@ def _merge_condition(dense, z, m, shape):
     h = torch.cat([h, _flatten(m)], dim=1)
   channels, height, width = shape
   return dense(h).view(-1, height, width, channels).permute(0, 3, 1, 2)
+
+
+class _SpatialCondition(nn.Module):
+  """conditioning.SpatialCondition: m (B, 1 + C, H, W) -> {(h, w): features (B, c, h, w)}."""
+
+  def __init__(self, m_channels, hidden_sizes, first_grid):
+    super().__init__()
+    widths = conditioning.spatial_widths(hidden_sizes)
+    self.padded = [side << len(widths) for side in first_grid]
+    self.channels = (m_channels, *widths)  # by level, the padded image's first
+    for i, (cin, cout) in enumerate(zip(self.channels, widths)):
+      setattr(self, f'Conv_{i}', _down(cin, cout, 3))
+
+  def forward(self, m):
+    h = F.pad(m, (0, self.padded[1] - m.shape[3], 0, self.padded[0] - m.shape[2]))
+    levels = {tuple(h.shape[2:]): h}
+    for i in range(len(self.channels) - 1):
+      h = _leaky(getattr(self, f'Conv_{i}')(h))
+      levels[tuple(h.shape[2:])] = h
+    return levels
+
+
+def _spatial_channels(decoder, m_features, conditioning_name, out_channels, hidden_sizes, grid):
+  """Gives `decoder` its SpatialCondition_0 when it takes m spatially; the channels m adds by
+  level (the padded image's first), all 0 otherwise."""
+  if conditioning_name != 'spatial' or not m_features:
+    return (0,) * (len(hidden_sizes) + 1)
+  decoder.SpatialCondition_0 = _SpatialCondition(out_channels + 1, hidden_sizes, grid)
+  return decoder.SpatialCondition_0.channels
+
+
+def _levels(decoder, m):
+  """m's features by grid for _attach where `decoder` takes m spatially, else None."""
+  spatial = getattr(decoder, 'SpatialCondition_0', None)
+  return None if spatial is None or m is None else spatial(m)
+
+
+def _attach(h, levels):
+  """conditioning.attach: h (B, c, h, w) with m's features on its grid appended as channels."""
+  return h if levels is None else torch.cat([h, levels[tuple(h.shape[2:])]], dim=1)
 
 
 class _Residual(nn.Module):
@@ -88,21 +129,27 @@ class _GaussianEncoder(nn.Module):
 
 class _GaussianDecoder(nn.Module):
 
-  def __init__(self, in_features, hidden_sizes, grid, out_channels):
+  def __init__(self, latent_dim, hidden_sizes, grid, out_channels, m_features, conditioning_name):
     super().__init__()
     self.start = (hidden_sizes[-1], *grid)
-    self.Dense_0 = nn.Linear(in_features, math.prod(self.start))
+    extra = _spatial_channels(self, m_features, conditioning_name, out_channels, hidden_sizes,
+                              grid)[::-1]  # by grid, from the first (smallest)
+    dense_m = 0 if hasattr(self, 'SpatialCondition_0') else m_features
+    self.Dense_0 = nn.Linear(latent_dim + dense_m, math.prod(self.start))
     sizes = (*reversed(hidden_sizes[:-1]), hidden_sizes[0])
     self.depth = len(sizes)
     for i, (cin, cout) in enumerate(zip((hidden_sizes[-1], *sizes), sizes)):
-      setattr(self, f'ConvTranspose_{i}', _up(cin, cout, 3))
+      setattr(self, f'ConvTranspose_{i}', _up(cin + extra[i], cout, 3))
       setattr(self, f'BatchNorm_{i}', _batch_norm(cout))
-    self.Conv_0 = nn.Conv2d(hidden_sizes[0], out_channels, 3, padding=1)
+    self.Conv_0 = nn.Conv2d(hidden_sizes[0] + extra[-1], out_channels, 3, padding=1)
 
   def forward(self, z, m=None):
-    h = _merge_condition(self.Dense_0, z, m, self.start)
+    levels = _levels(self, m)
+    h = _attach(_merge_condition(self.Dense_0, z, m if levels is None else None, self.start),
+                levels)
     for i in range(self.depth):
       h = _leaky(getattr(self, f'BatchNorm_{i}')(getattr(self, f'ConvTranspose_{i}')(h)))
+      h = _attach(h, levels)
     return torch.sigmoid(self.Conv_0(h))
 
 
@@ -131,31 +178,36 @@ class _VQEncoder(nn.Module):
 
 class _VQDecoder(nn.Module):
 
-  def __init__(self, in_features, hidden_sizes, num_residual_layers, embedding_dim, grid,
-               out_channels):
+  def __init__(self, m_features, hidden_sizes, num_residual_layers, embedding_dim, grid,
+               out_channels, conditioning_name):
     super().__init__()
     self.start = (embedding_dim, *grid)
-    if in_features:
-      self.Dense_0 = nn.Linear(in_features, math.prod(self.start))
+    extra = _spatial_channels(self, m_features, conditioning_name, out_channels, hidden_sizes,
+                              grid)[::-1]  # by grid, from the first (smallest)
+    if m_features and not hasattr(self, 'SpatialCondition_0'):
+      self.Dense_0 = nn.Linear(m_features + math.prod(self.start), math.prod(self.start))
     self.num_residual_layers = num_residual_layers
-    self.Conv_0 = nn.Conv2d(embedding_dim, hidden_sizes[-1], 3, padding=1)
+    self.Conv_0 = nn.Conv2d(embedding_dim + extra[0], hidden_sizes[-1], 3, padding=1)
     for i in range(num_residual_layers):
       setattr(self, f'ResidualLayer_{i}', _Residual(hidden_sizes[-1]))
     sizes = (*reversed(hidden_sizes[:-1]), out_channels)
     self.depth = len(sizes)
     for i, (cin, cout) in enumerate(zip(tuple(reversed(hidden_sizes)), sizes)):
-      setattr(self, f'ConvTranspose_{i}', _up(cin, cout, 4))
+      setattr(self, f'ConvTranspose_{i}', _up(cin + (extra[i] if i else 0), cout, 4))
       if i < self.depth - 1:
         setattr(self, f'BatchNorm_{i}', _batch_norm(cout))
 
   def forward(self, z_q, m=None):
-    h = z_q if m is None else _merge_condition(self.Dense_0, z_q, m, self.start)
-    h = _leaky(self.Conv_0(h))
+    levels = _levels(self, m)
+    h = z_q if m is None or levels is not None else _merge_condition(self.Dense_0, z_q, m,
+                                                                     self.start)
+    h = _leaky(self.Conv_0(_attach(h, levels)))
     for i in range(self.num_residual_layers):
       h = getattr(self, f'ResidualLayer_{i}')(h)
     h = _leaky(h)
     for i in range(self.depth - 1):
       h = _leaky(getattr(self, f'BatchNorm_{i}')(getattr(self, f'ConvTranspose_{i}')(h)))
+      h = _attach(h, levels)
     return torch.sigmoid(getattr(self, f'ConvTranspose_{self.depth - 1}')(h))
 
 
@@ -211,7 +263,7 @@ class GaussianVAE(_Autoencoder):
     hidden, latent = tuple(config.gaussian.hidden_sizes), config.gaussian.latent_dim
     channels = image_shape[-1]
     super().__init__(config, image_shape, len(hidden), lambda cond: _GaussianDecoder(
-        latent + cond, hidden, self.grid, channels))
+        latent, hidden, self.grid, channels, cond, config.conditioning))
     self.encoder = _GaussianEncoder(channels, hidden, latent, self.grid)
 
   def encode(self, x):
@@ -228,8 +280,8 @@ class VQVAE(_Autoencoder):
     vq = config.vq
     hidden, channels = tuple(vq.hidden_sizes), image_shape[-1]
     super().__init__(config, image_shape, len(hidden), lambda cond: _VQDecoder(
-        cond + vq.embedding_dim * math.prod(self.grid) if cond else 0, hidden,
-        vq.num_residual_layers, vq.embedding_dim, self.grid, channels))
+        cond, hidden, vq.num_residual_layers, vq.embedding_dim, self.grid, channels,
+        config.conditioning))
     self.commitment_cost = vq.commitment_cost
     self.encoder = _VQEncoder(channels, hidden, vq.num_residual_layers, vq.embedding_dim)
     self.quantizer = _Quantizer(vq.num_embeddings, vq.embedding_dim)

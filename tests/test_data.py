@@ -291,14 +291,29 @@ def test_batches_from_the_cache_are_the_batches_decoded_from_the_source(tmp_path
     assert np.array_equal(got, want)
 
 
-def png_header_only(path, width, height):
-  """A PNG file whose header says width x height RGB, with a few rows of pixel data."""
+def png_bytes(width, height, rows):
+  """An RGB PNG file of width x height whose pixel data (IDAT) is `rows` (zlib-compressed)."""
   def chunk(kind, body):
     return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
-  rows = zlib.compress(b'\0' * (1 + 3 * width) * 4)
-  path.write_bytes(b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2,
-                                                                      0, 0, 0))
-                   + chunk(b'IDAT', rows) + chunk(b'IEND', b''))
+  return (b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0))
+          + chunk(b'IDAT', rows) + chunk(b'IEND', b''))
+
+
+def png_header_only(path, width, height):
+  """A PNG file whose header says width x height RGB, with a few rows of pixel data."""
+  path.write_bytes(png_bytes(width, height, zlib.compress(b'\0' * (1 + 3 * width) * 4)))
+
+
+def test_a_png_cut_short_with_its_checksums_and_a_flipped_bit_is_refused_not_misread(tmp_path):
+  folder = write_images(tmp_path, 3, size=(4, 4))
+  pixels = np.arange(48, dtype=np.uint8).reshape(4, 4, 3)
+  rows = zlib.compress(b''.join(b'\0' + row.tobytes() for row in pixels), level=0)  # stored as is
+  raw = bytearray(png_bytes(4, 4, rows))
+  start = raw.index(b'IDAT') + 4
+  raw[start + 2 + 5 + 1] ^= 1  # after the zlib and block headers and the row's filter: a pixel
+  (folder / 'cut.png').write_bytes(raw[:start + len(rows) - 2])  # without the CRC and adler32
+  with pytest.raises(UserError, match=re.escape(f'data file {folder / "cut.png"} cannot be read (')):
+    data.load(data_config('images', path=str(folder)), seed=0)
 
 
 def damage(path, how):
@@ -315,8 +330,8 @@ def damage(path, how):
 
 
 @pytest.mark.parametrize('how,reason', [
-    ('truncated PNG', 'image file is truncated'),
-    ('corrupt IDAT', 'broken data stream'),
+    ('truncated PNG', 'Truncated File Read'),
+    ('corrupt IDAT', "broken PNG file (bad header checksum in b'IDAT')"),
     ('JPEG cut in its scan data', 'image file is truncated'),
 ])
 def test_an_image_that_fails_only_when_decoded_is_named_in_one_line(tmp_path, how, reason):
@@ -356,7 +371,8 @@ def test_a_file_changed_after_its_check_is_refused_not_misread(tmp_path):
 def test_too_few_images_for_three_splits_are_refused(tmp_path, count, fractions):
   folder = write_images(tmp_path, count)
   with pytest.raises(UserError, match=re.escape(
-      f'data set images gives no train image ({count} images in all, data.test_fraction=')) as error:
+      f"data set images in data.path='{folder}' gives no train image ({count} images in all, "
+      'data.test_fraction=')) as error:
     data.load(data_config('images', path=str(folder), **fractions), seed=0)
   assert 'use at least 3 images, one per split, or smaller fractions' in str(error.value)
 
@@ -467,5 +483,5 @@ def test_a_damaged_image_in_a_decode_worker_ends_the_command_line_with_one_line(
                     f'--config.data.cache_dir={tmp_path / "cache"}', f'--workdir={tmp_path / "run"}')
   assert result.returncode == 2
   assert result.stderr == (
-      f'error: data file {folder / "003.png"} cannot be read (image file is truncated): replace it '
+      f'error: data file {folder / "003.png"} cannot be read (Truncated File Read): replace it '
       'with a whole PNG or JPEG image, or remove it\n')

@@ -44,11 +44,16 @@ def to_array(image, channels):
 def _opened(path, load):
   """The PIL image of file `path`, its pixels decoded when `load`, closed on exit.
 
-  UserError naming the file when PIL cannot open or decode it.
+  UserError naming the file when PIL cannot open or decode it, or, before
+  decoding, when its checksums (a PNG's chunk CRCs) do not match or it ends early.
   """
   image = None
   try:
     image = Image.open(path)
+    if load and image.format == 'PNG':
+      # Decoding alone misses damage when a cut took the checksums of the damaged data too.
+      with Image.open(path) as checked:
+        checked.verify()
     if load:
       image.load()
   except Exception as e:  # pylint: disable=broad-exception-caught  # PIL's many error types

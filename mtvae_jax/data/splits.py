@@ -57,10 +57,11 @@ def split(train_images, test_images, data_config, seed):
     train, validation = take_fraction(
         train_images, data_config.validation_fraction, seed + 1, 'validation')
   splits = Splits(train, validation, test_images)
+  where = f" in data.path='{data_config.path}'" if data_config.path else ''
   for name, images in splits._asdict().items():
     if not len(images):
       raise UserError(
-          f'data set {data_config.name} gives no {name} image ({total} images in all, '
+          f'data set {data_config.name}{where} gives no {name} image ({total} images in all, '
           f'data.test_fraction={data_config.test_fraction}, data.validation_fraction='
           f'{data_config.validation_fraction}): use at least 3 images, one per split, or smaller '
           'fractions')

@@ -398,6 +398,16 @@ def test_a_link_to_a_missing_image_is_refused_not_skipped(tmp_path):
     data.load(data_config('images', path=str(folder)), seed=0)
 
 
+def test_linked_subfolders_are_read_once_each(tmp_path):
+  folder = write_images(tmp_path / 'x', 4)
+  elsewhere = write_images(tmp_path / 'elsewhere', 4, seed=1)
+  (folder / 'linked').symlink_to(elsewhere)
+  (folder / 'again').symlink_to(elsewhere)  # one folder twice
+  (elsewhere / 'up').symlink_to(tmp_path / 'x')  # a cycle
+  splits = data.load(data_config('images', path=str(folder)), seed=0)
+  assert sum(len(split) for split in splits) == 8
+
+
 def write_idx(path, images):
   """An IDX file of uint8 `images` (N, H, W), gzipped when path ends in .gz."""
   raw = struct.pack('>4I', 0x803, *images.shape) + images.astype(np.uint8).tobytes()
@@ -418,6 +428,8 @@ def damage_idx(path, how):
     del raw[10:]
   elif how == 'labels':
     raw[:16] = struct.pack('>4I', 0x801, 0, 0, 0)
+  elif how == 'gzipped':
+    raw = bytearray(gzip.compress(raw, mtime=0))
   elif how == 'no pixels':
     raw = bytearray(struct.pack('>4I', 0x803, 50, 0, 0))
   elif how == 'no images':
@@ -431,13 +443,15 @@ def damage_idx(path, how):
     ('gzip checksum', 'cannot be read (CRC check failed'),
     ('truncated header', 'has 10 bytes, too few for the 16 of an IDX header of images'),
     ('labels', 'is not an IDX file of uint8 images (its magic number is 0x00000801, not 0x00000803)'),
+    ('gzipped', 'is not an IDX file of uint8 images (its magic number is 0x1f8b0800, not 0x00000803)'
+     ': it is gzipped, so its name must end in .gz'),
     ('no pixels', 'holds 50 images of 0x0 pixels: use a file of at least one image of at least 1x1'),
     ('no images', 'holds 0 images of 8x8 pixels'),
     ('a folder', 'cannot be read (Is a directory)'),
 ])
 def test_a_damaged_or_empty_idx_file_is_named_in_one_line(tmp_path, how, message):
   rng = np.random.default_rng(0)
-  suffix = '.gz' if 'gzip' in how or 'deflate' in how else ''
+  suffix = '.gz' if how in ('corrupt deflate data', 'truncated gzip', 'gzip checksum') else ''
   path = tmp_path / f'train-images-idx3-ubyte{suffix}'
   write_idx(tmp_path / 't10k-images-idx3-ubyte', rng.integers(0, 256, (10, 8, 8)))
   if how == 'a folder':
@@ -458,21 +472,28 @@ def test_a_folder_at_the_cache_files_path_is_refused_before_decoding(tmp_path, m
   decoded = counting_decodes(monkeypatch)
   with pytest.raises(UserError, match=re.escape(
       f'the decoded cache of images would be written to {file}, which is not a file: remove what '
-      'is there, or set data.cache_dir to a writable folder, or to none')):
+      'is there, or set data.cache_dir to a writable folder with room, or to none')):
     data.load(config, seed=0)
   assert not decoded
 
 
-def test_a_cache_file_that_cannot_be_created_is_refused_in_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize('call,error', [
+    ('open_memmap', PermissionError(13, 'Permission denied')),  # a read-only folder, even for root
+    ('posix_fallocate', OSError(28, 'No space left on device')),  # a disk filled since the check
+])
+def test_a_cache_file_that_cannot_be_created_is_refused_in_one_line(tmp_path, monkeypatch, call,
+                                                                     error):
   config = data_config('images', path=str(write_images(tmp_path / 'x', 5)),
                        cache_dir=str(tmp_path / 'cache'))
-  def read_only(*args, **kwargs):  # what a read-only cache folder gives, even for root
-    raise PermissionError(13, 'Permission denied')
-  monkeypatch.setattr(np.lib.format, 'open_memmap', read_only)
+  def fail(*args, **kwargs):
+    raise error
+  monkeypatch.setattr(np.lib.format if call == 'open_memmap' else os, call, fail)
   with pytest.raises(UserError, match=re.escape(
-      f'the decoded cache of images cannot be written to {tmp_path / "cache"}')) as error:
+      f'the decoded cache of images cannot be written to {tmp_path / "cache"}')) as error_info:
     data.load(config, seed=0)
-  assert '(Permission denied): set data.cache_dir to a writable folder' in str(error.value)
+  assert (f'({error.strerror}): set data.cache_dir to a writable folder with room'
+          in str(error_info.value))
+  assert not list((tmp_path / 'cache').iterdir())
 
 
 def test_a_damaged_image_in_a_decode_worker_ends_the_command_line_with_one_line(tmp_path):

@@ -57,7 +57,7 @@ def _open(file, shape):
 
 def _elsewhere(name):
   """What a user can do about a cache folder that cannot hold the cache of data set `name`."""
-  return f'set data.cache_dir to a writable folder, or to {NONE} to decode {name} every epoch'
+  return f'set data.cache_dir to a writable folder with room, or to {NONE} to decode {name} every epoch'
 
 
 def _check_room(file, name, nbytes, cache_dir):
@@ -111,7 +111,12 @@ def build(source, file, name, num_workers):
   partial = partial_path(file, os.getpid())
   try:
     out = np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=whole.shape)
-  except OSError as e:  # what it may have written, remove_abandoned deletes
+    if hasattr(os, 'posix_fallocate'):  # the blocks now: writing a full disk through out is SIGBUS
+      with open(partial, 'r+b') as f:
+        os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+  except OSError as e:
+    if partial.is_file():
+      partial.unlink()
     raise UserError(f'the decoded cache of {name} cannot be written to {partial} '
                     f'({e.strerror}): {_elsewhere(name)}') from None
   try:

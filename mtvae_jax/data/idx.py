@@ -36,8 +36,9 @@ def read_images(path):
                     'of images')
   magic, count, height, width = (int(v) for v in np.frombuffer(raw[:16], '>u4'))
   if magic != 0x00000803:
+    gzipped = ': it is gzipped, so its name must end in .gz' if raw[:2] == b'\x1f\x8b' else ''
     raise UserError(f'data file {path} is not an IDX file of uint8 images (its magic number is '
-                    f'{magic:#010x}, not 0x00000803)')
+                    f'{magic:#010x}, not 0x00000803){gzipped}')
   if len(raw) != 16 + count * height * width:
     raise UserError(f'data file {path} holds {len(raw) - 16} bytes of pixels, its header '
                     f'promises {count}x{height}x{width}')

@@ -127,13 +127,19 @@ def source(files, crop, size):
 
 
 def _files(folder):
-  """The image files under `folder`, sorted, hidden ones aside; UserError for a subfolder that
-  cannot be listed or a link to nothing, rather than leaving their images out."""
+  """The image files under `folder` and its linked subfolders (each real folder once), sorted,
+  hidden ones aside; UserError for a subfolder that cannot be listed or a link to nothing, rather
+  than leaving their images out."""
   def refuse(error):
     raise UserError(f'data folder {error.filename} cannot be listed ({error.strerror}): make it '
                     'readable, or move it out of data.path')
-  files = []
-  for where, subfolders, names in os.walk(folder, onerror=refuse):
+  files, seen = [], set()
+  for where, subfolders, names in os.walk(folder, onerror=refuse, followlinks=True):
+    real = os.path.realpath(where)
+    if real in seen:  # a link back up, or a second link to one folder
+      subfolders.clear()
+      continue
+    seen.add(real)
     subfolders[:] = [name for name in subfolders if not name.startswith('.')]
     for name in names:
       path = pathlib.Path(where, name)

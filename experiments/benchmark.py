@@ -5,13 +5,15 @@ Times one jitted train step of mtvae_jax against the same step in PyTorch
 --torch_compile) on the same machine in the same run, on the GPU when JAX
 runs on one and PyTorch sees CUDA: Gaussian
 configuration 1 and VQ configuration 2, methods none / multi / single, on
-28x28x1 and 32x32x3 images. The steps of the two frameworks alternate and
-each figure is the median over --steps, so a load that comes and goes hits
-both alike. Also reported: the JAX step's compile time from an empty
-persistent compilation cache (cold) and from a filled one (cached), and the
-peak host memory of each framework's step. The JAX step runs with the XLA_FLAGS
-that `import mtvae_jax` sets (its CPU convolution flag; the first line of
-output shows them). Mistakes in flags end the program with one line and exit
+28x28x1 and 32x32x3 images, and method multi on 64x64x3 images (at most
+LARGE_BATCH_SIZE per step) with each config.conditioning (a case name
+ending in _spatial sets 'spatial'). The steps of the two frameworks
+alternate and each figure is the median over --steps, so a load that comes
+and goes hits both alike. Also reported: the JAX step's compile time from an
+empty persistent compilation cache (cold) and from a filled one (cached), and
+the peak host memory of each framework's step. The JAX step runs with the
+XLA_FLAGS that `import mtvae_jax` sets (its CPU convolution flag; the first
+line of output shows them). Mistakes in flags end the program with one line and exit
 status 2.
 """
 import ctypes
@@ -39,6 +41,8 @@ from mtvae_jax import train
 
 MODELS = (('gaussian', 1), ('vq', 2))
 SHAPES = ((28, 28, 1), (32, 32, 3))
+LARGE_SHAPE = (64, 64, 3)
+LARGE_BATCH_SIZE = 16
 
 _CASES = flags.DEFINE_list(
     'cases', [], 'Run only the cases whose name matches one of these patterns (fnmatch, '
@@ -53,7 +57,9 @@ _OUT = flags.DEFINE_string('out', None, 'Write the results as a JSON list to thi
 
 def case_names():
   return [f'{model}{preset}_{method}_{"x".join(map(str, shape))}'
-          for model, preset in MODELS for method in models.METHODS for shape in SHAPES]
+          for model, preset in MODELS for method in models.METHODS for shape in SHAPES] + [
+              f'{model}{preset}_multi_{"x".join(map(str, LARGE_SHAPE))}{suffix}'
+              for model, preset in MODELS for suffix in ('', '_spatial')]
 
 
 def select(patterns):
@@ -70,9 +76,10 @@ def select(patterns):
 
 
 def parse_case(name):
-  """'vq2_multi_32x32x3' -> (config, (32, 32, 3))."""
-  family, method, shape = name.split('_')
+  """'vq2_multi_32x32x3' -> (config, (32, 32, 3)); suffix '_spatial': conditioning 'spatial'."""
+  family, method, shape, *conditioning = name.split('_')
   config = config_lib.base_config(family[:-1], method, family[-1])
+  config.conditioning = conditioning[0] if conditioning else 'dense'
   return config, tuple(int(side) for side in shape.split('x'))
 
 
@@ -148,6 +155,7 @@ def median_seconds(runs, steps):
 def run_case(name, steps, warmup, batch_size, use_torch, torch_compile):
   """One case: compile times, then the interleaved timing and memory of each framework."""
   config, shape = parse_case(name)
+  batch_size = min(batch_size, LARGE_BATCH_SIZE) if shape == LARGE_SHAPE else batch_size
   jax_step = JaxStep(config, shape, batch_size)
   cold = jax_step.compile()
   jax.clear_caches()  # drop the in-memory executables: the next compile reads the disk cache

@@ -14,10 +14,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 def test_cases_cover_both_models_every_method_and_both_shapes():
   names = benchmark.case_names()
-  assert len(names) == 12 and 'gaussian1_multi_28x28x1' in names and 'vq2_single_32x32x3' in names
+  assert len(names) == 16 and 'gaussian1_multi_28x28x1' in names and 'vq2_single_32x32x3' in names
   config, shape = benchmark.parse_case('vq2_single_32x32x3')
   assert (config.model, config.method, config.vq.num_residual_layers, shape) == (
       'vq', 'single', 2, (32, 32, 3))
+  assert config.conditioning == 'dense'
+
+
+def test_large_image_cases_cover_both_conditionings():
+  assert benchmark.select(['64x64x3']) == [
+      'gaussian1_multi_64x64x3', 'gaussian1_multi_64x64x3_spatial', 'vq2_multi_64x64x3',
+      'vq2_multi_64x64x3_spatial']
+  config, shape = benchmark.parse_case('vq2_multi_64x64x3_spatial')
+  assert (config.method, config.conditioning, shape) == ('multi', 'spatial', (64, 64, 3))
 
 
 def test_case_patterns_select_by_substring_or_glob():

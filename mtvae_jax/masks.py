@@ -100,14 +100,18 @@ def gaussian_mask(key, k, shape, std=0.25):
 
   `std` is the standard deviation as a fraction of the image side; the
   Gaussian is restricted to the pixel grid (a categorical over pixels with
-  log-probability -d^2 / (2 std^2)). H*W draws are made and the first k kept,
-  so the shape is static while k may be traced.
+  log-probability -d^2 / (2 std^2)). That categorical is the product of one
+  over rows and one over columns, each drawn by inverse CDF. H*W draws are
+  made and the first k kept, so the shape is static while k may be traced.
   """
   height, width = shape
-  rows = (jnp.arange(height) - (height - 1) / 2) / (std * height)
-  cols = (jnp.arange(width) - (width - 1) / 2) / (std * width)
-  logits = -0.5 * (rows[:, None] ** 2 + cols[None, :] ** 2).reshape(-1)
-  draws = jax.random.categorical(key, logits, shape=(height * width,))
+
+  def axis(key, side):  # H*W draws of a row (column) index
+    logits = -0.5 * jnp.square((jnp.arange(side) - (side - 1) / 2) / (std * side))
+    return jax.random.choice(key, side, (height * width,), p=jax.nn.softmax(logits))
+
+  row_key, col_key = jax.random.split(key)
+  draws = axis(row_key, height) * width + axis(col_key, width)
   keep = (jnp.arange(height * width) < k).astype(jnp.float32)
   hits = jnp.zeros(height * width).at[draws].max(keep)
   return hits.reshape(height, width, 1)

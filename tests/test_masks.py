@@ -56,6 +56,17 @@ def test_gaussian_mask_draws_centre_more_often_than_border():
   assert counts.mean() < 20  # draws with replacement repeat pixels
 
 
+def test_gaussian_mask_pixel_frequencies_match_the_discretised_gaussian():
+  shape, std = (6, 5), 0.3
+  freq = draw(lambda key, k, shape: masks.gaussian_mask(key, k, shape, std), 20000, 1, shape)
+  rows = (np.arange(6) - 2.5) / (std * 6)
+  cols = (np.arange(5) - 2.0) / (std * 5)
+  expected = np.exp(-0.5 * (rows[:, None] ** 2 + cols[None] ** 2))
+  expected /= expected.sum()
+  np.testing.assert_allclose(freq.mean(axis=0)[..., 0], expected,
+                             atol=4 * np.sqrt(expected.max() / 20000))
+
+
 def test_gaussian_mask_with_zero_count_is_empty():
   assert draw(masks.gaussian_mask, 5, 0, (8, 8)).sum() == 0
 

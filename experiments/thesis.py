@@ -21,6 +21,7 @@ from ml_collections import config_flags
 
 import mtvae_jax
 from mtvae_jax import thesis
+from mtvae_jax import thesis_report
 
 _GRID = config_flags.DEFINE_config_file(
     'grid', None, 'Grid file and its data set, e.g. configs/thesis.py:fashion_mnist.')
@@ -104,19 +105,18 @@ def main(argv):
   try:
     rows = thesis.select(grid.rows.to_dict(), _ROWS.value)
     commands, runs = thesis.expand(rows, _FOLDS.value, workdir, configs_dir, grid.data, OVERRIDES)
-    if _DRY_RUN.value:
-      for args in commands.values():
-        thesis.resolve(args)
-      dry_run(commands, runs)
-      return
     if _PARALLEL.value < 1:
       raise mtvae_jax.UserError(f'--parallel={_PARALLEL.value} is not allowed: use an integer >= 1')
-    with thesis.locked(workdir):
-      thesis.check(commands, workdir)
+    thesis.validate(commands)
+    if _DRY_RUN.value:
+      dry_run(commands, runs)
+      return
+    with thesis.locked(workdir) as lock:
+      thesis.record(commands, workdir)
       pending = [run for run in runs if thesis.status(run) != 'done']
       print(f'{len(runs) - len(pending)} of {len(runs)} runs done, {len(pending)} to run')
       if _EXECUTOR.value == 'local':
-        failures = thesis.run_local(pending, _PARALLEL.value)
+        failures = thesis.run_local(pending, _PARALLEL.value, pass_fds=(lock,))
       else:
         failures = thesis.run_submitit(
             pending, workdir, _CLUSTER.value, _PARTITION.value, _TIME.value, _GPUS.value,
@@ -124,7 +124,7 @@ def main(argv):
       network = {model for model in ('gaussian', 'vq')
                  if any(o.startswith(f'--config.{model}.') for o in OVERRIDES)}
       command = shlex.join(['python', '-m', 'experiments.thesis', *sys.argv[1:]])
-      thesis.write_report(workdir, rows, _FOLDS.value, command, network)
+      thesis_report.write_report(workdir, rows, _FOLDS.value, command, network)
       print(f'report: {workdir}/report.md')
   except mtvae_jax.UserError as e:
     fail(str(e))

@@ -4,10 +4,10 @@ A grid (configs/thesis.py) names rows; each row is trained on every fold of
 k-fold cross-validation by `python -m experiments.main`, one process per
 (row, fold), into <workdir>/<row>/fold_<i>:
 
-  <workdir>/<row>/command.json   experiments.main's flags of the row (without fold and workdir)
+  <workdir>/<row>/command.json   experiments.main's flags of the row but the fold and workdir
   <workdir>/<row>/fold_<i>/      the run (config.json, history.jsonl, metrics.json, ...)
   <workdir>/<row>/fold_<i>.log   its terminal output
-  <workdir>/report.md, report.json, figures/   the results (`write_report`)
+  <workdir>/report.md, report.json, figures/   the results (mtvae_jax.thesis_report)
 
 A run is done when its metrics.json exists; a started run resumes from its
 checkpoints when launched again, so relaunching the pending runs finishes a
@@ -30,25 +30,13 @@ import time
 from typing import NamedTuple
 
 from absl import flags
-from matplotlib import ticker
-from matplotlib.figure import Figure
 from ml_collections import config_flags
-import numpy as np
 
 from mtvae_jax import config as config_lib
-from mtvae_jax import stats
 from mtvae_jax.errors import UserError
 
 CONFIG_FILES = {'gaussian': 'gauss', 'vq': 'vq'}
 METHOD_FILES = {'none': 'base', 'multi': 'multi', 'single': 'single'}
-MODEL_NAMES = {'gaussian': 'Gaussian VAE', 'vq': 'VQ-VAE'}
-METHOD_NAMES = {'none': '-', 'multi': 'Multi decoder', 'single': 'Single decoder'}
-REGULARIZERS = {'gaussian': 'kl', 'vq': 'vq'}
-# Test metrics of metrics.json shown in the table when the runs have them: (key, column).
-LOSS_COLUMNS = (('recon_loss', 'Reconstruction loss'),
-                ('recon_cond_loss', 'Conditioned reconstruction loss'))
-DIAGNOSTIC_COLUMNS = (('codebook_perplexity', 'Codebook perplexity'), ('codes_used', 'Codes used'),
-                      ('active_units', 'Active units'), ('z_use', 'z use'))
 POLL_SECONDS = 0.5
 
 
@@ -94,13 +82,13 @@ def select(rows, patterns):
 
 
 def expand(rows, num_folds, workdir, configs_dir, data, overrides=()):
-  """{row: its flags} and the list of runs, row by row, fold by fold."""
+  """({row: its flags but the fold and workdir}, the runs, row by row, fold by fold)."""
   if num_folds < 2:
     raise UserError(f'--folds={num_folds} is not allowed: use an integer >= 2')
-  commands = {name: row_arguments(fields, configs_dir, data) + list(overrides)
-              for name, fields in rows.items()}
+  commands = {name: [*row_arguments(fields, configs_dir, data), *overrides,
+                     f'--config.data.num_folds={num_folds}'] for name, fields in rows.items()}
   runs = [Run(name, fold, pathlib.Path(workdir) / name / f'fold_{fold}',
-              (*args, f'--config.data.num_folds={num_folds}', f'--config.data.fold={fold}',
+              (*args, f'--config.data.fold={fold}',
                f'--workdir={pathlib.Path(workdir) / name / f"fold_{fold}"}'))
           for name, args in commands.items() for fold in range(num_folds)]
   return commands, runs
@@ -130,11 +118,16 @@ def resolve(args):
   return config
 
 
-def check(commands, workdir):
-  """Validates each row's config, refuses rows whose folders hold runs of other flags, and
-  records each row's flags in <workdir>/<row>/command.json."""
-  for name, args in commands.items():
+def validate(commands):
+  """Checks every row's config {row: flags} before anything is written; UserError in one line."""
+  for args in commands.values():
     resolve(args)
+
+
+def record(commands, workdir):
+  """Refuses rows whose folders hold runs of other flags, and records each row's flags in
+  <workdir>/<row>/command.json."""
+  for name, args in commands.items():
     row_dir = pathlib.Path(workdir) / name
     recorded = row_dir / 'command.json'
     started = any(row_dir.glob('fold_*/config.json'))
@@ -157,17 +150,37 @@ def status(run):
   return 'started' if (run.workdir / 'config.json').exists() else 'pending'
 
 
+LOCK_WAIT_SECONDS = 120
+
+
 @contextlib.contextmanager
-def locked(workdir):
-  """Holds <workdir>/.lock, so that one grid command at a time launches runs there."""
-  pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with open(pathlib.Path(workdir) / '.lock', 'w') as lock:
-    try:
-      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      raise UserError(f"--workdir='{workdir}' is in use by another grid command: wait for it "
-                      'to end, or stop it first') from None
-    yield
+def locked(workdir, echo=print):
+  """Holds <workdir>/.lock while launching runs there; yields its file descriptor.
+
+  The runs that `run_local` starts inherit the descriptor, so the lock lasts
+  until the last of them has exited, even when the grid command was killed
+  first. A lock held by someone else is waited for up to LOCK_WAIT_SECONDS
+  (the runs of a killed command checkpoint and stop within seconds).
+  """
+  try:
+    pathlib.Path(workdir).mkdir(parents=True, exist_ok=True)
+    lock = open(pathlib.Path(workdir) / '.lock', 'w')
+  except OSError as e:
+    raise UserError(f"--workdir='{workdir}' cannot be written: {e.strerror}") from None
+  with lock:
+    deadline = time.monotonic() + LOCK_WAIT_SECONDS
+    while True:
+      try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        break
+      except BlockingIOError:
+        if time.monotonic() > deadline:
+          raise UserError(f"--workdir='{workdir}' is in use by another grid command or its "
+                          'runs: wait for them to end, or stop them first') from None
+        if deadline - time.monotonic() > LOCK_WAIT_SECONDS - 1:
+          echo(f'waiting for the runs of another grid command in {workdir} to stop')
+        time.sleep(1)
+    yield lock.fileno()
 
 
 def _die_with_parent():
@@ -177,18 +190,16 @@ def _die_with_parent():
     ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def launch(run, env=None, cores=None):
-  """Starts experiments.main for `run`, its output appended to run.log; returns the Popen."""
-  def preexec():
-    _die_with_parent()
-    if cores:
-      os.sched_setaffinity(0, cores)
+def launch(run, env=None, pass_fds=()):
+  """Starts experiments.main for `run`, its output appended to run.log; returns the Popen.
 
+  The child keeps the file descriptors `pass_fds` open (the grid's lock).
+  """
   run.log.parent.mkdir(parents=True, exist_ok=True)
   with open(run.log, 'a') as log:
     return subprocess.Popen([sys.executable, '-m', 'experiments.main', *run.args], stdout=log,
                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                            preexec_fn=preexec)
+                            preexec_fn=_die_with_parent, pass_fds=pass_fds)
 
 
 def visible_gpus():
@@ -206,22 +217,18 @@ def visible_gpus():
   return [str(i) for i, line in enumerate(lines.splitlines()) if line.startswith('GPU ')]
 
 
-def slots(parallel, gpus, cores):
-  """(environment changes, CPU cores or None) of each of `parallel` process slots.
+def slots(parallel, gpus):
+  """The environment changes of each of `parallel` process slots, given the node's `gpus`.
 
-  With several GPUs, slot s gets GPU s mod their number (and, when slots
-  share a GPU, memory allocated on demand); otherwise, with several slots,
-  each is pinned to its own share of the CPU cores, one XLA thread pool each.
+  With several GPUs slot s gets GPU s mod their number; processes that share
+  a GPU allocate its memory on demand. On CPUs every process keeps all cores:
+  XLA's results depend on its thread count (to float32 rounding), so a run
+  gives the same numbers whatever --parallel and executor.
   """
+  shared = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'} if parallel > max(len(gpus), 1) else {}
   if len(gpus) > 1:
-    shared = parallel > len(gpus)
-    return [({'CUDA_VISIBLE_DEVICES': gpus[s % len(gpus)],
-              **({'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'} if shared else {})}, None)
-            for s in range(parallel)]
-  if gpus or parallel == 1 or parallel > len(cores):
-    return [({'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'} if gpus and parallel > 1 else {}, None)
-            for _ in range(parallel)]
-  return [({}, set(cores[s::parallel])) for s in range(parallel)]
+    return [{'CUDA_VISIBLE_DEVICES': gpus[s % len(gpus)], **shared} for s in range(parallel)]
+  return [shared if gpus else {} for _ in range(parallel)]
 
 
 class _Stopped(Exception):
@@ -248,8 +255,9 @@ class Failure(NamedTuple):
   reason: str
 
 
-def run_local(runs, parallel, echo=print, gpus=None, cores=None):
-  """Runs `runs` `parallel` at a time as child processes; returns the failures.
+def run_local(runs, parallel, echo=print, gpus=None, pass_fds=()):
+  """Runs `runs` `parallel` at a time as child processes (keeping `pass_fds` open); returns
+  the failures.
 
   A run that fails before it touched its folder (experiments.main checks the
   config and the data first) fails the same way for every run: no further
@@ -257,17 +265,15 @@ def run_local(runs, parallel, echo=print, gpus=None, cores=None):
   stopped (they checkpoint) and UserError says how to resume.
   """
   gpus = visible_gpus() if gpus is None else gpus
-  cores = sorted(os.sched_getaffinity(0)) if cores is None else cores
-  layout = slots(parallel, gpus, cores)
+  layout = slots(parallel, gpus)
   pending, active, failures, done = list(runs), {}, [], 0
   previous = {sig: signal.signal(sig, _raise_stopped) for sig in (signal.SIGTERM, signal.SIGINT)}
   try:
     while pending or active:
       while pending and len(active) < parallel:
         slot = min(set(range(parallel)) - set(active))
-        env_changes, slot_cores = layout[slot]
         run = pending.pop(0)
-        active[slot] = (run, launch(run, dict(os.environ, **env_changes), slot_cores),
+        active[slot] = (run, launch(run, dict(os.environ, **layout[slot]), pass_fds),
                         time.monotonic())
         echo(f'started {run.name} (log: {run.log})')
       time.sleep(POLL_SECONDS)
@@ -368,259 +374,3 @@ def run_submitit(runs, workdir, cluster='slurm', partition='', timeout_min=24 * 
       failures.append(Failure(run, last_line(run.log) or str(e).splitlines()[0]))
       echo(f'[{count}/{len(jobs)}] {run.name} failed: {failures[-1].reason}')
   return failures
-
-
-# The claims of the thesis's 4.1-4.3 and the comparisons that test them. Each comparison is
-# (row a, metric a, row b, metric b, sign): the claim expects sign(b - a) == sign, fold by fold.
-CLAIMS = {
-    'C1': 'Multi decoder (Gaussian) improves decoder 1\'s reconstruction and raises the KL term',
-    'C2': 'The conditioned decoder reconstructs better than decoder 1 (Gaussian and VQ)',
-    'C3': 'Multi decoder (VQ) improves reconstruction and the VQ loss',
-    'C4': 'Single decoder (Gaussian) lowers the KL term and slightly worsens reconstruction',
-    'C5': 'Single decoder (VQ) lowers the VQ loss',
-    'C6': 'A higher power-law exponent gives better unconditioned reconstruction',
-}
-
-
-class Comparison(NamedTuple):
-  claim: str
-  a: str
-  metric_a: str
-  b: str
-  metric_b: str
-  sign: int
-
-
-def _baseline(rows, fields):
-  """The name of the row of method 'none' of the same model and configuration, or None."""
-  for name, other in rows.items():
-    if (other['model'], other['preset'], other['method']) == (
-        fields['model'], fields['preset'], 'none'):
-      return name
-  return None
-
-
-def comparisons(rows):
-  """The comparisons that the rows {name: fields} of a grid allow, claim by claim."""
-  found = []
-  for name, fields in rows.items():
-    model, method, base = fields['model'], fields['method'], _baseline(rows, fields)
-    reg = f'{REGULARIZERS[model]}_loss'
-    if method == 'multi':
-      found.append(Comparison('C2', name, 'recon_loss', name, 'recon_cond_loss', -1))
-    if base is None or method == 'none':
-      continue
-    if (model, method) == ('gaussian', 'multi'):
-      found += [Comparison('C1', base, 'recon_loss', name, 'recon_loss', -1),
-                Comparison('C1', base, reg, name, reg, +1)]
-    elif (model, method) == ('vq', 'multi'):
-      found += [Comparison('C3', base, 'recon_loss', name, 'recon_loss', -1),
-                Comparison('C3', base, reg, name, reg, -1)]
-    elif (model, method) == ('gaussian', 'single'):
-      found += [Comparison('C4', base, reg, name, reg, -1),
-                Comparison('C4', base, 'recon_loss', name, 'recon_loss', +1)]
-    else:
-      found.append(Comparison('C5', base, reg, name, reg, -1))
-  for name, fields in rows.items():
-    for other, other_fields in rows.items():
-      same = all(fields[k] == other_fields[k] for k in fields if k != 'exponent')
-      if (same and fields['method'] == 'single'
-          and fields['exponent'] < other_fields['exponent']):
-        found.append(Comparison('C6', name, 'recon_loss', other, 'recon_loss', -1))
-  return sorted(found, key=lambda c: (c.claim, c.b, c.metric_b, c.a))
-
-
-def fold_metrics(row_dir):
-  """{fold index: metrics.json} of the finished folds in `row_dir`."""
-  return {int(path.parent.name.split('_')[1]): json.loads(path.read_text())
-          for path in sorted(pathlib.Path(row_dir).glob('fold_*/metrics.json'))}
-
-
-def fold_histories(row_dir, folds):
-  """{fold: [history record, ...]} of the given folds of `row_dir`."""
-  return {fold: [json.loads(line) for line in
-                 (pathlib.Path(row_dir) / f'fold_{fold}' / 'history.jsonl').read_text().splitlines()
-                 if line.strip()] for fold in folds}
-
-
-def parameters_text(fields):
-  """The table's 'Parameters' column: SoftAdapt and how the conditioning pixels are drawn."""
-  words = []
-  if fields['method'] != 'none':
-    words = [fields['sampling'],
-             'fixed k' if fields['count'] == 'fixed' else f"power law a={fields['exponent']}"]
-  if fields['balancing'] == 'softadapt':
-    words.insert(0, 'SoftAdapt')
-  return ', '.join(words) or '-'
-
-
-def summarize_row(fields, folds, custom_network=False):
-  """Mean and std over folds of every metric the row's folds all have."""
-  names = sorted(set.intersection(*(set(m) for m in folds.values()))) if folds else []
-  pairs = {name: stats.mean_std([m[name] for m in folds.values()]) for name in names}
-  return {'fields': dict(fields), 'folds': {str(k): v for k, v in folds.items()},
-          'configuration': 'custom' if custom_network else str(fields['preset']),
-          'mean': {k: v[0] for k, v in pairs.items()}, 'std': {k: v[1] for k, v in pairs.items()}}
-
-
-def _cell(summary, name):
-  if name not in summary['mean']:
-    return '-'
-  return f"{summary['mean'][name]:.4g} ± {summary['std'][name]:.1e}"
-
-
-def table(summaries, num_folds):
-  """The thesis's table (its 4.3) in markdown: one line per row, mean ± std over folds."""
-  diagnostics = [(k, title) for k, title in DIAGNOSTIC_COLUMNS
-                 if any(k in s['mean'] for s in summaries.values())]
-  columns = (['Row', 'Model', 'Config.', 'Method', 'Parameters', 'Size']
-             + [title for _, title in LOSS_COLUMNS] + ['KL or VQ loss']
-             + [title for _, title in diagnostics] + ['Folds'])
-  lines = ['| ' + ' | '.join(columns) + ' |', '|' + ' --- |' * len(columns)]
-  for name, s in summaries.items():
-    fields = s['fields']
-    size = f"{s['mean']['num_params']:,.0f}" if 'num_params' in s['mean'] else '-'
-    cells = ([name, MODEL_NAMES[fields['model']], s['configuration'],
-              METHOD_NAMES[fields['method']], parameters_text(fields), size]
-             + [_cell(s, k) for k, _ in LOSS_COLUMNS]
-             + [_cell(s, f"{REGULARIZERS[fields['model']]}_loss")]
-             + [_cell(s, k) for k, _ in diagnostics] + [f"{len(s['folds'])}/{num_folds}"])
-    lines.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines) + '\n'
-
-
-def judge(comparison_list, summaries):
-  """Each comparison tested over the folds both of its rows finished, and a verdict per claim."""
-  results = []
-  for c in comparison_list:
-    a_folds, b_folds = summaries[c.a]['folds'], summaries[c.b]['folds']
-    folds = sorted(set(a_folds) & set(b_folds), key=int)
-    a = [a_folds[f][c.metric_a] for f in folds if c.metric_a in a_folds[f]]
-    b = [b_folds[f][c.metric_b] for f in folds if c.metric_b in b_folds[f]]
-    if len(a) != len(b):
-      a = b = []
-    results.append(dict(c._asdict(), folds=[int(f) for f in folds][:len(a)],
-                        **stats.paired(a, b, c.sign)._asdict()))
-  claims = []
-  for claim, statement in CLAIMS.items():
-    parts = [r for r in results if r['claim'] == claim]
-    counts = {v: sum(r['verdict'] == v for r in parts) for v in stats.VERDICTS}
-    claims.append({'claim': claim, 'statement': statement,
-                   'verdict': stats.combined_verdict(r['verdict'] for r in parts) if parts
-                   else 'not tested', 'comparisons': len(parts), **counts})
-  return claims, results
-
-
-def _side(name, metric):
-  return f'{name} {metric}'
-
-
-def claims_markdown(claims, results):
-  lines = ['| Claim | Statement | Verdict | Comparisons: holds / contradicted / not significant |',
-           '| --- | --- | --- | --- |']
-  lines += [f"| {c['claim']} | {c['statement']} | **{c['verdict']}** | {c['comparisons']}: "
-            f"{c['holds']} / {c['contradicted']} / {c['not significant']} |" for c in claims]
-  lines += ['', '| Claim | a | b | Expected | n | Mean of b - a | 95 % CI | p | Verdict |',
-            '| --- | --- | --- | --- | --- | --- | --- | --- | --- |']
-  for r in results:
-    p = '-' if r['p_value'] is None else f"{r['p_value']:.3g}"
-    lines.append(f"| {r['claim']} | {_side(r['a'], r['metric_a'])} | {_side(r['b'], r['metric_b'])}"
-                 f" | b {'<' if r['sign'] < 0 else '>'} a | {r['n']} | {r['mean_difference']:.3g}"
-                 f" | [{r['ci_low']:.3g}, {r['ci_high']:.3g}] | {p} | {r['verdict']} |")
-  return '\n'.join(lines) + '\n'
-
-
-# The thesis's loss-curve figures: 4.2 (Gaussian, multi), 4.4 (VQ, multi), 4.5 (Gaussian,
-# single) and 4.6 (VQ, single), each against the baseline of the same configuration.
-FIGURES = {('gaussian', 'multi'): '4.2', ('vq', 'multi'): '4.4', ('gaussian', 'single'): '4.5',
-           ('vq', 'single'): '4.6'}
-
-
-def save_curves(path, curves, regularizer):
-  """Validation losses per epoch, mean over folds with a band of ± one std, of each row.
-
-  curves: {label: {'epoch': (E,), metric: (folds, E)}}. Left: the KL or VQ
-  term; right: decoder 1's reconstruction loss.
-  """
-  fig = Figure(figsize=(10, 3.8), layout='constrained')
-  axes = fig.subplots(1, 2)
-  for ax, metric, title in ((axes[0], f'val/{regularizer}_loss', f'{regularizer.upper()} loss'),
-                            (axes[1], 'val/recon_loss', 'reconstruction loss, decoder 1')):
-    for label, curve in curves.items():
-      values = curve[metric]
-      mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else 0 * values[0]
-      line, = ax.plot(curve['epoch'], mean, label=label, marker='.' if len(mean) <= 30 else None)
-      ax.fill_between(curve['epoch'], mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set(title=f'validation {title}', xlabel='epoch', yscale='log')
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-  fig.savefig(path, dpi=100)
-
-
-def curves_of(row_dir, folds, regularizer):
-  """{'epoch': (E,), metric: (folds, E)} over the epochs every fold has, or None."""
-  histories = fold_histories(row_dir, folds)
-  metrics = ('val/recon_loss', f'val/{regularizer}_loss')
-  epochs = sorted(set.intersection(*({r['epoch'] for r in h if all(m in r for m in metrics)}
-                                     for h in histories.values())))
-  if not epochs:
-    return None
-  by_epoch = [{r['epoch']: r for r in h} for h in histories.values()]
-  return {'epoch': np.array(epochs),
-          **{m: np.array([[h[e][m] for e in epochs] for h in by_epoch]) for m in metrics}}
-
-
-def write_figures(workdir, summaries):
-  """One PNG per model, configuration and method against its baseline; returns the paths."""
-  workdir = pathlib.Path(workdir)
-  written = []
-  for (model, method), number in FIGURES.items():
-    for preset in sorted({s['fields']['preset'] for s in summaries.values()
-                          if s['fields']['model'] == model}):
-      names = [n for n, s in summaries.items() if s['folds']
-               and (s['fields']['model'], s['fields']['preset']) == (model, preset)
-               and s['fields']['method'] in ('none', method)]
-      if not any(summaries[n]['fields']['method'] == method for n in names):
-        continue
-      curves = {n: curves_of(workdir / n, [int(f) for f in summaries[n]['folds']],
-                             REGULARIZERS[model]) for n in names}
-      curves = {n: c for n, c in curves.items() if c is not None}
-      if not curves:
-        continue
-      path = workdir / 'figures' / f'{CONFIG_FILES[model]}{preset}_{method}.png'
-      path.parent.mkdir(exist_ok=True)
-      save_curves(path, curves, REGULARIZERS[model])
-      written.append((number, f'{MODEL_NAMES[model]}, configuration {preset}, '
-                      f'{METHOD_NAMES[method].lower()} against the baseline', path))
-  return written
-
-
-def write_report(workdir, rows, num_folds, command='', network_overridden=()):
-  """Writes <workdir>/report.json, report.md and figures/ from the finished folds of `rows`.
-
-  network_overridden: the models ('gaussian', 'vq') whose network keys the
-  command changed, shown as configuration 'custom'. Returns report.json's content.
-  """
-  workdir = pathlib.Path(workdir)
-  summaries = {name: summarize_row(fields, fold_metrics(workdir / name),
-                                   fields['model'] in network_overridden)
-               for name, fields in rows.items()}
-  claims, results = judge(
-      [c for c in comparisons(rows) if summaries[c.a]['folds'] and summaries[c.b]['folds']],
-      summaries)
-  figures = write_figures(workdir, summaries)
-  report = {'command': command, 'num_folds': num_folds, 'rows': summaries, 'claims': claims,
-            'comparisons': results, 'figures': [str(p.relative_to(workdir)) for _, _, p in figures]}
-  (workdir / 'report.json').write_text(json.dumps(report, indent=2) + '\n')
-  text = ['# Thesis reproduction', '', f'`{command}`' if command else '', '',
-          f'Test metrics of each row, mean ± sample std over its finished folds (of {num_folds}).',
-          '', table(summaries, num_folds), '## Claims', '',
-          'Each comparison pairs the two rows fold by fold on the folds both finished (b - a), '
-          f'with a paired t-test at the {stats.ALPHA:g} level; a claim holds when all of its '
-          'comparisons hold and is contradicted when any is.', '', claims_markdown(claims, results)]
-  if figures:
-    text += ['## Validation loss curves', '']
-    text += [f'Thesis figure {number}: {title}.\n\n![{title}]({path.relative_to(workdir)})\n'
-             for number, title, path in figures]
-  (workdir / 'report.md').write_text('\n'.join(text))
-  return report

@@ -33,9 +33,11 @@ from absl import flags
 from absl import logging
 import jax
 
-from experiments import main as cli  # fail()
+from experiments import cli  # fail()
 import mtvae_jax
 from mtvae_jax import config as config_lib
+from mtvae_jax import loop
+from mtvae_jax import methods
 from mtvae_jax import models
 from mtvae_jax import train
 
@@ -57,7 +59,7 @@ _OUT = flags.DEFINE_string('out', None, 'Write the results as a JSON list to thi
 
 def case_names():
   return [f'{model}{preset}_{method}_{"x".join(map(str, shape))}'
-          for model, preset in MODELS for method in models.METHODS for shape in SHAPES] + [
+          for model, preset in MODELS for method in methods.METHODS for shape in SHAPES] + [
               f'{model}{preset}_multi_{"x".join(map(str, LARGE_SHAPE))}{suffix}'
               for model, preset in MODELS for suffix in ('', '_spatial')]
 
@@ -113,7 +115,7 @@ class JaxStep:
   def compile(self):
     """Traces and compiles the step; returns the seconds it took."""
     start = time.perf_counter()
-    donate = (0,) if train.donates_state() else ()
+    donate = (0,) if loop.donates_state() else ()
     self.compiled = jax.jit(self.step_fn, donate_argnums=donate).lower(
         self.state, self.images, self.key).compile()
     return time.perf_counter() - start

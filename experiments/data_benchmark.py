@@ -20,7 +20,7 @@ from absl import flags
 import jax
 import numpy as np
 
-from experiments import main
+from experiments import cli
 from mtvae_jax import config as config_lib
 from mtvae_jax import data
 from mtvae_jax import train
@@ -44,8 +44,7 @@ def images_per_s(batches, batch_size, run_batch):
   return batches * batch_size / (time.perf_counter() - start)
 
 
-def benchmark(config, workdir):
-  del workdir
+def benchmark(config):
   config_lib.validate(config)
   if _STREAM.value:
     pipeline.IN_MEMORY_BYTES = 0
@@ -91,5 +90,11 @@ def feeds(train_images, config):
   return ways
 
 
+def main(argv):
+  del argv
+  cli.configure_jax()
+  cli.run(benchmark, cli.CONFIG.value)
+
+
 if __name__ == '__main__':
-  app.run(lambda argv: main.run(benchmark), flags_parser=main.parse_flags)
+  app.run(main, flags_parser=cli.flags_parser('experiments.data_benchmark'))

@@ -2,16 +2,13 @@
 
 Writes the run's sparse-reconstruction curve (curve.json), uncertainty from
 sparse observations (uncertainty.json) and figures/*.png into --workdir; see
-mtvae_jax/evaluation.py. Mistakes end with one line and exit status 2.
+mtvae_jax/evaluation.py. Mistakes end with one line and exit status 2
+(experiments/cli.py).
 """
-import functools
-
 from absl import app
 from absl import flags
-from absl import logging
 
-from experiments import main as cli  # fail(), and the --workdir flag
-import mtvae_jax
+from experiments import cli
 from mtvae_jax import evaluation
 
 _BASELINE = flags.DEFINE_string(
@@ -22,16 +19,14 @@ _NUM_SAMPLES = flags.DEFINE_integer(
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  workdir = flags.FLAGS.workdir
-  try:
-    results = evaluation.evaluate_run(workdir, _BASELINE.value, _NUM_SAMPLES.value)
-  except mtvae_jax.UserError as e:
-    cli.fail(str(e))
+  cli.configure_jax()
+  results = cli.run(evaluation.evaluate_run, cli.WORKDIR.value, _BASELINE.value,
+                    _NUM_SAMPLES.value)
   for name, result in results.items():
     print(f'{name}: {result}')
-  print(f'wrote {workdir}/figures/')
+  print(f'wrote {cli.WORKDIR.value}/{evaluation.FIGURES_DIR}/')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=functools.partial(cli.parse_workdir_flags, program='experiments.evaluate'))
+  app.run(main, flags_parser=cli.flags_parser(
+      'experiments.evaluate', config=cli.REFUSED, workdir=cli.FINISHED_RUN))

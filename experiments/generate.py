@@ -3,15 +3,12 @@
 Writes PNG grids of samples (and, for multi and single runs, of completions of
 one test image from K given pixels) to <workdir>/samples/. A VQ run needs its
 prior first (experiments.prior). Mistakes end the program with one line and
-exit status 2, as in experiments.main, whose --workdir flag this shares.
+exit status 2 (experiments/cli.py).
 """
-import functools
-
 from absl import app
 from absl import flags
-from absl import logging
 
-from experiments import main as cli
+from experiments import cli
 from mtvae_jax import generate
 from mtvae_jax import masks
 
@@ -29,12 +26,13 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the samples and of the mask.')
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
-  cli.run(lambda config, workdir: generate.generate(
-      workdir, _NUM.value, pixels=_PIXELS.value, sampling=_SAMPLING.value,
-      temperature=_TEMPERATURE.value, image=_IMAGE.value, seed=_SEED.value))
-  print(f'wrote {flags.FLAGS.workdir}/{generate.SAMPLES_DIR}/')
+  cli.configure_jax()
+  cli.run(generate.generate, cli.WORKDIR.value, _NUM.value, pixels=_PIXELS.value,
+          sampling=_SAMPLING.value, temperature=_TEMPERATURE.value, image=_IMAGE.value,
+          seed=_SEED.value)
+  print(f'wrote {cli.WORKDIR.value}/{generate.SAMPLES_DIR}/')
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=functools.partial(cli.parse_workdir_flags, program='experiments.generate'))
+  app.run(main, flags_parser=cli.flags_parser(
+      'experiments.generate', config=cli.REFUSED, workdir=cli.FINISHED_RUN))

@@ -21,6 +21,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from mtvae_jax import masks
+from mtvae_jax import methods
 from mtvae_jax.models import conditioning
 from mtvae_jax.models import layers
 
@@ -232,21 +233,20 @@ class _Autoencoder(nn.Module):
 
   def __init__(self, config, image_shape, num_down, make_decoder):
     super().__init__()
-    self.method, self.image_shape = config.method, tuple(image_shape)
+    self.method, self.image_shape = methods.of(config), tuple(image_shape)
     height, width, channels = self.image_shape
     self.padded = [layers.padded_side(side, num_down) for side in (height, width)]
     self.grid = tuple(side >> num_down for side in self.padded)
-    if self.method != 'single':
-      self.decoder = make_decoder(0)
-    if self.method != 'none':
-      self.cond_decoder = make_decoder(height * width * (channels + 1))
+    for name in self.method.decoders:  # make_decoder(the features of m that it is given)
+      setattr(self, name, make_decoder(
+          height * width * (channels + 1) if name == methods.CONDITIONED else 0))
 
   def pad(self, x):
     return F.pad(x, (0, self.padded[1] - x.shape[3], 0, self.padded[0] - x.shape[2]))
 
   def decode(self, z, m=None):
     height, width, channels = self.image_shape
-    if self.method == 'single' and m is None:
+    if m is None and methods.PLAIN not in self.method.decoders:
       m = z.new_zeros(z.shape[0], channels + 1, height, width)
     out = self.decoder(z) if m is None else self.cond_decoder(z, m)
     return out[:, :, :height, :width]
@@ -316,12 +316,12 @@ def batch_masks(mask_config, shape, count=None, device=None):
 
 
 def train_conds(config, images):
-  """train.train_conds: {term name: m (B, 1 + C, H, W) or None}."""
-  if config.method == 'none':
-    return {'recon': None}
-  mask = batch_masks(config.mask, (images.shape[0], *images.shape[2:]), device=images.device)
-  m = torch.cat([mask, mask * images], dim=1)
-  return {'recon': m} if config.method == 'single' else {'recon': None, 'recon_cond': m}
+  """methods.train_conds: {term name: m (B, 1 + C, H, W) or None}."""
+  def draw():
+    mask = batch_masks(config.mask, (images.shape[0], *images.shape[2:]), device=images.device)
+    return torch.cat([mask, mask * images], dim=1)
+
+  return methods.decoder_inputs(methods.of(config).train, draw)
 
 
 def loss_terms(model, config, images):

@@ -17,6 +17,7 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from mtvae_jax import methods
 from mtvae_jax import models
 
 
@@ -34,9 +35,9 @@ class State:
 
 
 def term_names(model, method):
-  """The loss terms trained by `model` and `method`."""
-  recon = ('recon', 'recon_cond') if method == 'multi' else ('recon',)
-  return recon + (models.REGULARIZER[model],)
+  """The loss terms trained by `model` and `method`: the method's reconstruction terms and the
+  model's regulariser."""
+  return (*methods.METHODS[method].train, models.REGULARIZER[model])
 
 
 def balanced_names(config):

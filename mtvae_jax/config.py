@@ -1,14 +1,21 @@
-"""Default configs and up-front validation.
+"""Default configs, dotted config keys, and up-front validation by rules.
 
 Every file in configs/ is `get_config(arg)` over `base_config`; `arg` is a
 comma-separated list whose words name the data set and/or the thesis's
 network configuration by number, e.g. 'digits', 'idx,2', '3'.
+
+A rule is a pair (ok(value) -> bool, what is allowed); `check` applies a
+table {dotted key: rule} and names the first key whose value breaks its rule.
 """
+import functools
+import operator
+
 import ml_collections
 
 from mtvae_jax import balancing
 from mtvae_jax import data
 from mtvae_jax import masks
+from mtvae_jax import methods
 from mtvae_jax import models
 from mtvae_jax.errors import UserError
 
@@ -26,11 +33,11 @@ PRESETS = {
 }
 # Observed pixels for the fixed-count masks: a stride-2 grid on 8x8 digits, a stride-4 grid
 # elsewhere (7x7 on 28x28, 8x8 on 32x32, 16x16 on 64x64); the fallback serves sets of any size.
-# What a non-finite loss does: stop training, or leave the batch out and count it.
-NONFINITE_ACTIONS = ('stop', 'skip')
 DEFAULT_NUM_PIXELS = {'digits': 16, 'mnist': 49, 'fashion_mnist': 49, 'cifar10': 64,
                       'celeb_a': 256}
 FALLBACK_NUM_PIXELS = 49
+# What a non-finite loss does: stop training, or leave the batch out and count it.
+NONFINITE_ACTIONS = ('stop', 'skip')
 
 
 def base_config(model, method, arg=None):
@@ -64,8 +71,8 @@ def base_config(model, method, arg=None):
       PRESETS['vq'][preset if model == 'vq' else 1], commitment_cost=0.25))
 
   config.mask = ml_collections.ConfigDict(dict(
-      sampling='exact' if method == 'multi' else 'uniform',
-      count='power_law' if method == 'single' else 'fixed',
+      sampling=methods.METHODS[method].sampling,
+      count=methods.METHODS[method].count,
       num_pixels=DEFAULT_NUM_PIXELS.get(dataset, FALLBACK_NUM_PIXELS),
       power_law_exponent=40.0,
       gaussian_std=0.25,
@@ -83,11 +90,7 @@ def base_config(model, method, arg=None):
       softadapt=dict(variant='normalized', terms=(), beta=1.0, update_every=10, window=10,
                      total=1.0)))
 
-  # The latest state is checkpointed every checkpoint_every_steps steps (0: at epoch ends
-  # only), at each epoch end and on SIGTERM/SIGINT; rerunning the same command resumes.
-  config.train = ml_collections.ConfigDict(dict(
-      num_epochs=100, batch_size=128, learning_rate=1e-3, weight_decay=1e-4,
-      checkpoint_every_steps=500, keep_checkpoints=3, on_nonfinite='stop'))
+  config.train = train_config()
 
   # Several hosts (mtvae_jax.parallel): unset values ('', 0, -1) come from the environment
   # variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or the cluster.
@@ -97,97 +100,133 @@ def base_config(model, method, arg=None):
   return config
 
 
-def _require(ok, key, value, allowed):
-  if not ok:
-    raise UserError(f'config.{key}={value!r} is not allowed: {allowed}')
+def train_config(**changes):
+  """The `train` section of the VAE's and the prior's configs: AdamW, epochs and checkpoints.
+
+  The latest state is checkpointed every checkpoint_every_steps steps (0: at
+  epoch ends only), at each epoch end and on SIGTERM/SIGINT; rerunning the
+  same command resumes. on_nonfinite: what a non-finite loss does.
+  """
+  return ml_collections.ConfigDict(dict(dict(
+      num_epochs=100, batch_size=128, learning_rate=1e-3, weight_decay=1e-4,
+      checkpoint_every_steps=500, keep_checkpoints=3, on_nonfinite='stop'), **changes))
 
 
-def _one_of(config, key, choices):
-  value = config
-  for part in key.split('.'):
-    value = value[part]
-  _require(value in choices, key, value, 'use one of ' + ', '.join(choices))
+def lookup(config, key):
+  """The value (or section) at dotted `key` of a ConfigDict or nested dict, e.g. 'train.seed'."""
+  return functools.reduce(operator.getitem, key.split('.'), config)
+
+
+def flatten(config, prefix=''):
+  """{dotted key: value} of every leaf of a ConfigDict or nested dict."""
+  if not isinstance(config, (dict, ml_collections.ConfigDict)):
+    return {prefix[:-1]: config}
+  return {k: v for key, sub in config.items() for k, v in flatten(sub, f'{prefix}{key}.').items()}
+
+
+def check(config, rules):
+  """Raises UserError naming the first key of `rules` {dotted key: (ok, allowed)} whose value
+  breaks its rule."""
+  for key, (ok, allowed) in rules.items():
+    value = lookup(config, key)
+    if isinstance(value, ml_collections.ConfigDict):
+      value = value.to_dict()
+    if not ok(value):
+      raise UserError(f'config.{key}={value!r} is not allowed: {allowed}')
+
+
+def one_of(choices):
+  """The rule: a value among `choices`."""
+  choices = tuple(choices)
+  return (lambda value: value in choices), 'use one of ' + ', '.join(choices)
+
+
+def at_least(low, allowed):
+  """The rule: a value >= `low`; `allowed` says so to the user."""
+  return (lambda value: value >= low), allowed
+
+
+COUNT = at_least(1, 'use an integer >= 1')
+NATURAL = at_least(0, 'use an integer >= 0')
+NON_NEGATIVE = at_least(0, 'use a number >= 0')
+POSITIVE = (lambda value: value > 0), 'use a number > 0'
+FRACTION = (lambda value: 0 < value < 1), 'use a value in (0, 1)'
+
+
+def batch_fits(num_train):
+  """The rule of train.batch_size for `num_train` training examples."""
+  return (lambda value: value <= num_train), f'use at most {num_train}, the training images'
+
+
+TRAIN_RULES = {
+    'train.num_epochs': COUNT,
+    'train.batch_size': COUNT,
+    'train.learning_rate': POSITIVE,
+    'train.on_nonfinite': one_of(NONFINITE_ACTIONS),
+    'train.checkpoint_every_steps': at_least(0, 'use an integer >= 0 (0: at epoch ends only)'),
+    'train.keep_checkpoints': COUNT,
+    'train.weight_decay': NON_NEGATIVE,
+}
+HIDDEN_SIZES = ((lambda sizes: len(sizes) >= 1 and min(sizes) >= 1),
+                'use one or more positive channel counts')
+FAMILY_RULES = {  # the keys of config.gaussian and config.vq
+    'gaussian': {'hidden_sizes': HIDDEN_SIZES, 'latent_dim': COUNT},
+    'vq': {'hidden_sizes': HIDDEN_SIZES, 'num_embeddings': COUNT, 'embedding_dim': COUNT,
+           'num_residual_layers': NATURAL, 'commitment_cost': NON_NEGATIVE},
+}
+
+
+def _mixture_weights(names):
+  return ((lambda weights: set(weights) == set(names) and min(weights.values()) >= 0
+           and sum(weights.values()) > 0),
+          f'give a weight >= 0 to each of {", ".join(names)}, not all 0')
 
 
 def validate(config):
   """Checks every key that does not depend on the data; raises UserError on the first bad one."""
-  _one_of(config, 'model', tuple(models.MODELS))
-  _one_of(config, 'method', models.METHODS)
-  _one_of(config, 'conditioning', models.CONDITIONINGS)
-  _one_of(config, 'data.name', tuple(data.DATASETS))
-  _one_of(config, 'mask.sampling', (*masks.SAMPLINGS, masks.MIXTURE))
-  _one_of(config, 'mask.count', (*masks.COUNTS, masks.MIXTURE))
-  mask = config.mask
-  _require(0 < mask.max_fraction <= 1, 'mask.max_fraction', mask.max_fraction,
-           'use a fraction in (0, 1]')
-  for key, names in (('sampling_weights', masks.SAMPLINGS), ('count_weights', masks.COUNTS)):
-    weights = dict(mask.mixture[key])
-    _require(set(weights) == set(names) and min(weights.values()) >= 0
-             and sum(weights.values()) > 0, f'mask.mixture.{key}', weights,
-             f'give a weight >= 0 to each of {", ".join(names)}, not all 0')
-  _require(mask.power_law_exponent > 0, 'mask.power_law_exponent', mask.power_law_exponent,
-           'use a number > 0')
-  _require(mask.gaussian_std > 0, 'mask.gaussian_std', mask.gaussian_std, 'use a number > 0')
-  _require(mask.num_pixels >= 0, 'mask.num_pixels', mask.num_pixels,
-           'use a count from 0 to the number of pixels of an image')
-  for key in ('validation_fraction', 'test_fraction'):
-    value = config.data[key]
-    _require(0 < value < 1, f'data.{key}', value, 'use a value in (0, 1)')
-  for key in ('crop_size', 'image_size', 'num_workers'):
-    _require(config.data[key] >= 0, f'data.{key}', config.data[key], 'use an integer >= 0')
-  for key in ('num_epochs', 'batch_size'):
-    _require(config.train[key] >= 1, f'train.{key}', config.train[key], 'use an integer >= 1')
-  _require(config.train.learning_rate > 0, 'train.learning_rate', config.train.learning_rate,
-           'use a number > 0')
-  _one_of(config, 'train.on_nonfinite', NONFINITE_ACTIONS)
-  _require(config.train.checkpoint_every_steps >= 0, 'train.checkpoint_every_steps',
-           config.train.checkpoint_every_steps, 'use an integer >= 0 (0: at epoch ends only)')
-  _require(config.train.keep_checkpoints >= 1, 'train.keep_checkpoints',
-           config.train.keep_checkpoints, 'use an integer >= 1')
-  _require(config.train.weight_decay >= 0, 'train.weight_decay', config.train.weight_decay,
-           'use a number >= 0')
-  for name, weight in config.loss.weights.items():
-    _require(weight >= 0, f'loss.weights.{name}', weight, 'use a number >= 0')
-  _validate_balancing(config)
-  distributed = config.distributed
-  _require(distributed.num_processes >= 0, 'distributed.num_processes', distributed.num_processes,
-           'use an integer >= 1, or 0 for the environment')
-  _require(-1 <= distributed.process_id and (distributed.process_id < distributed.num_processes
-                                             or distributed.num_processes == 0),
-           'distributed.process_id', distributed.process_id,
-           'use an integer from 0 to distributed.num_processes - 1, or -1 for the environment')
-  family = config[config.model]
-  _require(len(family.hidden_sizes) >= 1 and min(family.hidden_sizes) >= 1,
-           f'{config.model}.hidden_sizes', tuple(family.hidden_sizes),
-           'use one or more positive channel counts')
-  for key in ('latent_dim', 'num_embeddings', 'embedding_dim'):
-    if key in family:
-      _require(family[key] >= 1, f'{config.model}.{key}', family[key], 'use an integer >= 1')
-  if config.model == 'vq':
-    _require(family.num_residual_layers >= 0, 'vq.num_residual_layers',
-             family.num_residual_layers, 'use an integer >= 0')
-    _require(family.commitment_cost >= 0, 'vq.commitment_cost', family.commitment_cost,
-             'use a number >= 0')
-
-
-def _validate_balancing(config):
-  _one_of(config, 'loss.balancing', tuple(balancing.UPDATES))
-  softadapt = config.loss.softadapt
-  _one_of(config, 'loss.softadapt.variant', tuple(balancing.VARIANTS))
+  check(config, {'model': one_of(models.MODELS), 'method': one_of(methods.METHODS)})
   names = balancing.term_names(config.model, config.method)
-  terms = tuple(softadapt.terms)
-  _require(set(terms) <= set(names) and len(set(terms)) == len(terms), 'loss.softadapt.terms',
-           terms, f'use a tuple of distinct terms of model={config.model}, method={config.method} '
-           f'from {", ".join(names)}, e.g. "(\'{names[0]}\',\'{names[-1]}\')", or () for all')
-  for key in ('update_every', 'window'):
-    _require(softadapt[key] >= 1, f'loss.softadapt.{key}', softadapt[key], 'use an integer >= 1')
-  _require(softadapt.total > 0, 'loss.softadapt.total', softadapt.total, 'use a number > 0')
+  num_processes = config.distributed.num_processes
+  check(config, {
+      'conditioning': one_of(models.CONDITIONINGS),
+      'data.name': one_of(data.DATASETS),
+      'mask.sampling': one_of((*masks.SAMPLINGS, masks.MIXTURE)),
+      'mask.count': one_of((*masks.COUNTS, masks.MIXTURE)),
+      'mask.max_fraction': ((lambda value: 0 < value <= 1), 'use a fraction in (0, 1]'),
+      'mask.mixture.sampling_weights': _mixture_weights(masks.SAMPLINGS),
+      'mask.mixture.count_weights': _mixture_weights(masks.COUNTS),
+      'mask.power_law_exponent': POSITIVE,
+      'mask.gaussian_std': POSITIVE,
+      'mask.num_pixels': at_least(0, 'use a count from 0 to the number of pixels of an image'),
+      'data.validation_fraction': FRACTION,
+      'data.test_fraction': FRACTION,
+      'data.crop_size': NATURAL,
+      'data.image_size': NATURAL,
+      'data.num_workers': NATURAL,
+      **TRAIN_RULES,
+      **{f'loss.weights.{name}': NON_NEGATIVE for name in config.loss.weights},
+      'loss.balancing': one_of(balancing.UPDATES),
+      'loss.softadapt.variant': one_of(balancing.VARIANTS),
+      'loss.softadapt.terms': (
+          lambda terms: set(terms) <= set(names) and len(set(terms)) == len(terms),
+          f'use a tuple of distinct terms of model={config.model}, method={config.method} from '
+          f'{", ".join(names)}, e.g. "(\'{names[0]}\',\'{names[-1]}\')", or () for all'),
+      'loss.softadapt.update_every': COUNT,
+      'loss.softadapt.window': COUNT,
+      'loss.softadapt.total': POSITIVE,
+      'distributed.num_processes': at_least(0, 'use an integer >= 1, or 0 for the environment'),
+      'distributed.process_id': (
+          lambda value: -1 <= value and (value < num_processes or num_processes == 0),
+          'use an integer from 0 to distributed.num_processes - 1, or -1 for the environment'),
+      **{f'{config.model}.{key}': rule for key, rule in FAMILY_RULES[config.model].items()},
+  })
 
 
 def validate_for_data(config, splits):
   """Checks the keys that depend on the loaded images."""
   height, width, _ = splits.train.shape[1:]
-  _require(config.mask.num_pixels <= height * width, 'mask.num_pixels', config.mask.num_pixels,
-           f'use a count from 0 to {height * width}, the pixels of a {height}x{width} image')
-  _require(config.train.batch_size <= len(splits.train), 'train.batch_size',
-           config.train.batch_size, f'use at most {len(splits.train)}, the training images')
+  check(config, {
+      'mask.num_pixels': ((lambda value: value <= height * width),
+                          f'use a count from 0 to {height * width}, the pixels of a '
+                          f'{height}x{width} image'),
+      'train.batch_size': batch_fits(len(splits.train))})

@@ -15,14 +15,15 @@ import pathlib
 import numpy as np
 
 from mtvae_jax import config as config_lib
+from mtvae_jax import methods
 from mtvae_jax import models
 from mtvae_jax import train
+from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
 
 SUMMARY = 'crossval.json'
 TABLE = 'crossval.md'
 MODEL_NAMES = {'gaussian': 'Gaussian VAE', 'vq': 'VQ-VAE'}
-METHOD_NAMES = {'none': '-', 'multi': 'Multi decoder', 'single': 'Single decoder'}
 COLUMNS = ('Model', 'Config.', 'Method', 'Parameters', 'Size', 'Reconstruction loss',
            'Conditioned reconstruction loss', 'KL or VQ loss', 'Folds')
 
@@ -49,7 +50,7 @@ def configuration(config):
 
 def parameters(config):
   """The 'Parameters' column: loss balancing and how the conditioning pixels are drawn."""
-  if config.method == 'none':
+  if not methods.of(config).conditioned:
     words = []
   elif config.mask.count == 'fixed':
     words = [config.mask.sampling, f'k={config.mask.num_pixels}']
@@ -63,7 +64,7 @@ def parameters(config):
 def describe(config):
   """The table's first columns for `config`."""
   return {'model': MODEL_NAMES[config.model], 'configuration': configuration(config),
-          'method': METHOD_NAMES[config.method], 'parameters': parameters(config),
+          'method': methods.of(config).title, 'parameters': parameters(config),
           'regularizer': models.REGULARIZER[config.model]}
 
 
@@ -101,7 +102,7 @@ def load_summary(directory):
   if not path.is_file():
     raise UserError(f"'{directory}' holds no {SUMMARY}: run python -m experiments.crossval "
                     f'--config=<config> --workdir={directory} first')
-  return json.loads(path.read_text())
+  return workdir_lib.read_json(path)
 
 
 def cross_validate(config, workdir, num_folds):
@@ -118,8 +119,8 @@ def cross_validate(config, workdir, num_folds):
     print(f'fold {index + 1} of {num_folds}', flush=True)
     folds.append(train.train_and_evaluate(fold_config, workdir / f'fold_{index}'))
   summary = summarize(config, folds)
-  (workdir / SUMMARY).write_text(json.dumps(summary, indent=2) + '\n')
-  (workdir / TABLE).write_text(markdown_table([summary]))
+  workdir_lib.write_json(workdir / SUMMARY, summary)
+  workdir_lib.write_text(workdir / TABLE, markdown_table([summary]))
   return summary
 
 
@@ -128,7 +129,7 @@ def report(directories, out=None):
   table = markdown_table([load_summary(d) for d in directories])
   if out:
     try:
-      pathlib.Path(out).write_text(table)
+      workdir_lib.write_text(out, table)
     except OSError as e:
       raise UserError(f"--out='{out}' cannot be written: {e.strerror}") from None
   return table

@@ -17,7 +17,6 @@ Every analysis runs jitted on padded test batches of the run's batch size, so
 each compiles once.
 """
 import functools
-import json
 import pathlib
 
 import jax
@@ -26,9 +25,12 @@ import numpy as np
 
 from mtvae_jax import figures
 from mtvae_jax import generate
+from mtvae_jax import loop
 from mtvae_jax import masks
+from mtvae_jax import methods
 from mtvae_jax import models
 from mtvae_jax import train
+from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
 
 FIGURES_DIR = 'figures'
@@ -67,8 +69,8 @@ def sparse_curve(run):
 
   def error(sampling, num_pixels):
     args = jnp.int32(num_pixels), jnp.int32(masks.SAMPLINGS.index(sampling))
-    return train.evaluate(lambda *batch: error_fn(*batch, *args), run.state, run.splits.test,
-                          run.config.train.batch_size, run.eval_key)['recon_cond_loss']
+    return loop.evaluate(lambda *batch: error_fn(*batch, *args), run.state, run.splits.test,
+                         run.config.train.batch_size, run.eval_key)['recon_cond_loss']
 
   errors = {sampling: [error(sampling, n) for n in counts] for sampling in masks.SAMPLINGS}
   return {'num_pixels': counts, 'errors': errors}
@@ -82,7 +84,7 @@ def completion_moments(run, draw, num_samples, state, images, key):
   """
   run = run._replace(state=state)  # the parameters as arguments, not constants, under jit
   mask_key, sample_key = jax.random.split(key)
-  mask = train.eval_conds(run.config, images, mask_key)['recon_cond'][..., :1]
+  mask = methods.eval_conds(run.config, images, mask_key)['recon_cond'][..., :1]
   keys = jax.random.split(sample_key, len(images))
   completions = jax.vmap(
       lambda k, x, mk: generate.complete(run, draw, k, x, mk, num_samples))(keys, images, mask)
@@ -116,13 +118,13 @@ def uncertainty(run, draw, num_samples):
   """(uncertainty.json's dict, figure columns for the first test images)."""
   moments_fn = jax.jit(functools.partial(completion_moments, run, draw, num_samples))
   batch_size = run.config.train.batch_size
-  sums = train.evaluate(functools.partial(calibration_sums, moments_fn), run.state,
-                        run.splits.test, batch_size, run.eval_key)
+  sums = loop.evaluate(functools.partial(calibration_sums, moments_fn), run.state,
+                       run.splits.test, batch_size, run.eval_key)
   result = dict(calibration(sums), num_samples=num_samples,
                 num_pixels=run.config.mask.num_pixels, sampling=run.config.mask.sampling,
                 num_images=len(run.splits.test))
   # The first test batch again (same key as in evaluate), for the figure.
-  batch, _ = next(train.padded_batches(run.splits.test, batch_size))
+  batch, _ = next(loop.padded_batches(run.splits.test, batch_size))
   moments = jax.device_get(moments_fn(run.state, batch, jax.random.fold_in(run.eval_key, 0)))
   count = min(NUM_FIGURE_IMAGES, len(run.splits.test))
   images, (mask, mean, std) = batch[:count], (a[:count] for a in moments)
@@ -140,7 +142,7 @@ def reconstruction_figure_columns(run):
   """original | mask | decoder 1 | decoder 2 of the first test images."""
   images = run.splits.test[:NUM_FIGURE_IMAGES]
   reconstruct = jax.jit(functools.partial(
-      figures.reconstruct, conds_fn=functools.partial(train.eval_conds, run.config)))
+      figures.reconstruct, conds_fn=functools.partial(methods.eval_conds, run.config)))
   conds, outputs = jax.device_get(reconstruct(run.state, images, run.eval_key))
   return figures.reconstruction_columns(images, conds, outputs)
 
@@ -158,22 +160,10 @@ def sampling_type_columns(run):
           figures.Column('observed', figures.observed(images, mask))]
 
 
-def read_history(workdir):
-  lines = (pathlib.Path(workdir) / 'history.jsonl').read_text().splitlines()
-  return [json.loads(line) for line in lines]
-
-
-def _setting(config, key):
-  value = config
-  for part in key.split('.'):
-    value = value[part]
-  return value
-
-
 def check_baseline(config, baseline_config, baseline):
   """Refuses a baseline of another model family or another test split."""
   keys = ('model', *TEST_SPLIT_KEYS)
-  differ = [k for k in keys if _setting(config, k) != _setting(baseline_config, k)]
+  differ = workdir_lib.differences(config, baseline_config, keys)
   if differ:
     raise UserError(f"--baseline='{baseline}' differs from the run at {', '.join(differ)}: use a "
                     f'run of the same model on the same test split ({", ".join(keys)})')
@@ -182,11 +172,11 @@ def check_baseline(config, baseline_config, baseline):
 def load_baseline(baseline):
   """(config, metrics) of the finished run in directory `baseline`, as dicts."""
   baseline = pathlib.Path(baseline)
-  if not (baseline / 'metrics.json').is_file():
+  if not (baseline / workdir_lib.METRICS).is_file():
     raise UserError(f"--baseline='{baseline}' holds no finished run (no metrics.json): "
                     'train it first')
-  return (json.loads((baseline / 'config.json').read_text()),
-          json.loads((baseline / 'metrics.json').read_text()))
+  return (workdir_lib.read_json(baseline / workdir_lib.CONFIG),
+          workdir_lib.read_json(baseline / workdir_lib.METRICS))
 
 
 def evaluate_run(workdir, baseline=None, num_samples=32):
@@ -199,13 +189,13 @@ def evaluate_run(workdir, baseline=None, num_samples=32):
     raise UserError(f'--num_samples={num_samples} is not allowed: use an integer >= 2')
   workdir = pathlib.Path(workdir)
   run = train.load_run(workdir)
-  config, metrics = run.config, json.loads((workdir / 'metrics.json').read_text())
-  histories = {f'{config.method} (this run)': read_history(workdir)}
+  config, metrics = run.config, workdir_lib.read_json(workdir / workdir_lib.METRICS)
+  histories = {f'{config.method} (this run)': workdir_lib.read_history(workdir)}
   baseline_metrics = None
   if baseline is not None:
     baseline_config, baseline_metrics = load_baseline(baseline)
     check_baseline(config, baseline_config, baseline)
-    histories[f'{baseline_config["method"]} (baseline)'] = read_history(baseline)
+    histories[f'{baseline_config["method"]} (baseline)'] = workdir_lib.read_history(baseline)
   out = workdir / FIGURES_DIR
   out.mkdir(exist_ok=True)
 
@@ -214,13 +204,13 @@ def evaluate_run(workdir, baseline=None, num_samples=32):
   figures.save_loss_curves(out / 'losses.png', histories, models.REGULARIZER[config.model])
   figures.save_image_grid(out / 'sampling_types.png', sampling_type_columns(run),
                           row_titles=masks.SAMPLINGS)
-  if config.method == 'none':
+  if not methods.of(config).conditioned:
     print('curve and uncertainty skipped: they need a conditioned decoder (method multi or single)')
     return results
 
   curve = dict(sparse_curve(run), unconditioned=metrics['recon_loss'],
                baseline=baseline_metrics and baseline_metrics['recon_loss'])
-  (workdir / 'curve.json').write_text(json.dumps(curve, indent=2) + '\n')
+  workdir_lib.write_json(workdir / 'curve.json', curve)
   figures.save_sparse_curve(out / 'curve.png', curve)
   results['curve'] = curve
 
@@ -230,6 +220,6 @@ def evaluate_run(workdir, baseline=None, num_samples=32):
     print(f'uncertainty skipped: {e}')
     return results
   results['uncertainty'], columns = uncertainty(run, draw, num_samples)
-  (workdir / 'uncertainty.json').write_text(json.dumps(results['uncertainty'], indent=2) + '\n')
+  workdir_lib.write_json(workdir / 'uncertainty.json', results['uncertainty'])
   figures.save_image_grid(out / 'uncertainty.png', columns)
   return results

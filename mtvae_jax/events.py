@@ -1,10 +1,10 @@
 """TensorBoard event files in the work directory, beside history.jsonl.
 
 Each epoch's record becomes scalars (train/, val/, weights/, seconds,
-images_per_s) at step = epoch; at epochs 1, 2, 4, 8, ... a grid of
-validation images and their reconstructions (original | mask | decoder 1 |
-decoder 2) is added as `reconstructions`. View with
-`tensorboard --logdir=<workdir or its parent>`.
+images_per_s) at step = epoch; at epochs 1, 2, 4, 8, ... an image grid is
+added as `reconstructions` where the run draws one (the VAE: validation images
+and their reconstructions, original | mask | decoder 1 | decoder 2). View
+with `tensorboard --logdir=<workdir or its parent>`.
 """
 import functools
 import pathlib
@@ -16,11 +16,26 @@ from mtvae_jax import figures
 NUM_IMAGES = 8
 
 
+def reconstruction_grid(conds_fn, images, key):
+  """state -> (H', W', C) grid of the first `images` (N, H, W, C) and their reconstructions.
+
+  conds_fn(images, key) -> conds gives the decoders' inputs.
+  """
+  images = images[:NUM_IMAGES]
+  reconstruct = jax.jit(functools.partial(figures.reconstruct, conds_fn=conds_fn))
+
+  def grid(state):
+    conds, outputs = jax.device_get(reconstruct(state, images, key))
+    return figures.tile(figures.reconstruction_columns(images, conds, outputs))
+
+  return grid
+
+
 class EventWriter:
   """A context manager around tensorboardX's SummaryWriter; call `write` once per epoch."""
 
-  def __init__(self, workdir, conds_fn, images, key, first_epoch=1, enabled=True):
-    """conds_fn(images, key) -> conds gives the decoders' inputs; `images` (N, H, W, C).
+  def __init__(self, workdir, grid=None, first_epoch=1, enabled=True):
+    """grid: None, or state -> (H, W, C) image, e.g. `reconstruction_grid`.
 
     TensorBoard drops the steps >= first_epoch that earlier event files in
     `workdir` hold (a run resumed at first_epoch redoes them). With several
@@ -32,9 +47,7 @@ class EventWriter:
       # tensorboardX imports torch when that is installed: load it only when a run starts.
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._writer = tensorboardX.SummaryWriter(str(pathlib.Path(workdir)), purge_step=first_epoch)
-    self._images = images[:NUM_IMAGES]
-    self._key = key
-    self._reconstruct = jax.jit(functools.partial(figures.reconstruct, conds_fn=conds_fn))
+    self._grid = grid
 
   def __enter__(self):
     return self
@@ -46,15 +59,12 @@ class EventWriter:
   def write(self, record, state):
     """Scalars of `record` (one line of history.jsonl) and, at powers of two, the image grid."""
     epoch = record['epoch']
-    grid_due = epoch & (epoch - 1) == 0
-    if grid_due:
-      conds, outputs = jax.device_get(self._reconstruct(state, self._images, self._key))
+    grid = self._grid(state) if self._grid and epoch & (epoch - 1) == 0 else None
     if not self._writer:
       return
     for name, value in record.items():
       if name != 'epoch':
         self._writer.add_scalar(name, value, epoch)
-    if grid_due:
-      grid = figures.tile(figures.reconstruction_columns(self._images, conds, outputs))
+    if grid is not None:
       self._writer.add_image('reconstructions', grid, epoch, dataformats='HWC')
     self._writer.flush()

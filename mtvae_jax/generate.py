@@ -26,6 +26,7 @@ import numpy as np
 
 from mtvae_jax import figures
 from mtvae_jax import masks
+from mtvae_jax import methods
 from mtvae_jax import prior
 from mtvae_jax import train
 from mtvae_jax.errors import UserError
@@ -127,14 +128,15 @@ def generate_arrays(run, draw, num=16, *, pixels=None, sampling=None, temperatur
          f'use a count from 0 to {height * width}, the pixels of a {height}x{width} image')
   _check(0 <= image < len(run.splits.test), 'image', image,
          f'use a test image index from 0 to {len(run.splits.test) - 1}')
-  if run.config.method == 'none':
+  conditioned = methods.of(run.config).conditioned
+  if not conditioned:
     for name, value in (('pixels', pixels), ('sampling', sampling)):
-      _check(value is None, name, value, "this run's method is none, without a conditioned "
-             'decoder: give pixels to a multi or single run')
+      _check(value is None, name, value, f"this run's method is {run.config.method}, without a "
+             'conditioned decoder: give pixels to a multi or single run')
 
   sample_key, complete_key, mask_key = jax.random.split(jax.random.key(seed), 3)
   out = {'samples': sample_images(run, draw, sample_key, num, temperature)}
-  if run.config.method != 'none':
+  if conditioned:
     mask_config = run.config.mask.copy_and_resolve_references()
     mask_config.sampling = sampling or mask_config.sampling
     mask_config.num_pixels = mask_config.num_pixels if pixels is None else pixels

@@ -7,17 +7,20 @@ positions, next to two baselines on the same codes: uniform, log2 K, and
 unigram, the code frequencies of the training split (add-one smoothed, so a
 code unseen in training costs finitely many bits).
 
-A VQ run's directory receives prior/ with:
+The prior trains in the VAE's loop (loop.py), so it resumes, checkpoints on
+SIGTERM/SIGINT and writes from one process alike. A VQ run's directory
+receives prior/, a work directory (workdir.py) with:
   config.json     the prior's config
-  history.jsonl   one line per epoch: train/ and val/ bits_per_code, seconds
-  checkpoints/best/  orbax checkpoint of the best epoch by validation bits per code
+  history.jsonl   one line per epoch: train/ and val/ bits_per_code, skipped_steps,
+                  seconds, images_per_s (codes per second)
+  events.out.tfevents.*  the same scalars, for TensorBoard
+  checkpoints/best/    orbax checkpoint of the best epoch by validation bits per code
+  checkpoints/latest/  the last few full training states, for resuming
   metrics.json    test_bits_per_code, uniform_bits_per_code, unigram_bits_per_code,
                   best_epoch, best_val_bits_per_code, num_params
 """
 import functools
-import json
 import pathlib
-import time
 from typing import Any
 
 from flax.training import train_state
@@ -28,8 +31,11 @@ import numpy as np
 import optax
 
 from mtvae_jax import checkpoints
+from mtvae_jax import config as config_lib
+from mtvae_jax import loop
 from mtvae_jax import parallel
 from mtvae_jax import train
+from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
 from mtvae_jax.models import pixelcnn
 
@@ -41,30 +47,22 @@ def default_config():
   config = ml_collections.ConfigDict()
   config.seed = 0
   config.pixelcnn = ml_collections.ConfigDict(dict(features=64, num_layers=6, kernel_size=3))
-  config.train = ml_collections.ConfigDict(dict(
-      num_epochs=30, batch_size=128, learning_rate=1e-3, weight_decay=1e-4))
+  config.train = config_lib.train_config(num_epochs=30)
   return config
 
 
-# key -> (check, what is allowed)
-CHECKS = {
-    'pixelcnn.features': (lambda v: v >= 1, 'use an integer >= 1'),
-    'pixelcnn.num_layers': (lambda v: v >= 1, 'use an integer >= 1'),
-    'pixelcnn.kernel_size': (lambda v: v >= 3 and v % 2 == 1, 'use an odd integer >= 3'),
-    'train.num_epochs': (lambda v: v >= 1, 'use an integer >= 1'),
-    'train.batch_size': (lambda v: v >= 1, 'use an integer >= 1'),
-    'train.learning_rate': (lambda v: v > 0, 'use a number > 0'),
-    'train.weight_decay': (lambda v: v >= 0, 'use a number >= 0'),
+RULES = {  # config_lib.check's rules
+    'pixelcnn.features': config_lib.COUNT,
+    'pixelcnn.num_layers': config_lib.COUNT,
+    'pixelcnn.kernel_size': ((lambda value: value >= 3 and value % 2 == 1),
+                             'use an odd integer >= 3'),
+    **config_lib.TRAIN_RULES,
 }
 
 
 def validate(config):
   """Raises UserError naming the first key of the prior config with a bad value."""
-  for key, (ok, allowed) in CHECKS.items():
-    section, name = key.split('.')
-    value = config[section][name]
-    if not ok(value):
-      raise UserError(f'config.{key}={value!r} is not allowed: {allowed}')
+  config_lib.check(config, RULES)
 
 
 def build_prior(config, num_codes):
@@ -82,14 +80,15 @@ def create_prior_state(config, model, grid, key):
 
   def init(key):
     params = model.init(key, jnp.zeros((1, *grid), jnp.int32))['params']
-    return PriorState.create(apply_fn=model.apply, params=params, tx=tx, batch_stats={})
+    return PriorState.create(apply_fn=model.apply, params=params, tx=tx,
+                             batch_stats={}).replace(step=jnp.int32(0))
 
   return jax.jit(init, out_shardings=parallel.replicated())(key)
 
 
 def load_vq_run(workdir):
   """The finished VQ-VAE run of `workdir` (train.load_run); any other model is a UserError."""
-  model = train.load_config(workdir).model
+  model = workdir_lib.load_config(workdir).model
   if model != 'vq':
     raise UserError(f"workdir '{workdir}' holds a run of model={model}: the prior is learned "
                     'over the codes of a VQ-VAE run (model=vq)')
@@ -116,7 +115,7 @@ def code_grid(run):
 def encode_codes(run, images, batch_size):
   """(N, H, W, C) images -> (N, h, w) int32 codes of the run's frozen encoder."""
   codes = [apply_model(run, 'codes', batch)
-           for batch, _ in train.padded_batches(images, batch_size)]
+           for batch, _ in loop.padded_batches(images, batch_size)]
   return np.concatenate(jax.device_get(codes))[:len(images)]
 
 
@@ -136,13 +135,14 @@ def unigram_bits_per_code(train_codes, test_codes, num_codes):
   return float(-np.mean(np.log2(counts / counts.sum())[test_codes]))
 
 
-def prior_train_step(state, codes):
-  """One AdamW step on codes (B, h, w); returns the state and the batch's bits per code."""
+def prior_train_step(state, codes, key):
+  """One AdamW step on codes (B, h, w); returns the state and the batch's {'bits_per_code'}."""
+  del key  # the prior's likelihood is deterministic
   def loss_fn(params):
     return jnp.mean(bits_per_code(state.apply_fn({'params': params}, codes), codes))
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  return state.apply_gradients(grads=grads), loss
+  return state.apply_gradients(grads=grads), {'bits_per_code': loss}
 
 
 def prior_eval_step(state, codes, weights, key):
@@ -161,73 +161,43 @@ def train_prior(config, workdir) -> dict:
   """Trains the prior of the VQ run in `workdir` into <workdir>/prior/; returns its metrics.
 
   A prior/ holding a finished prior of the same config is kept and its
-  metrics returned. Raises UserError for a bad config, a missing or unfinished
-  run, a run of another model, or a prior/ of another config.
+  metrics returned; one of an unfinished prior of the same config is resumed.
+  Raises UserError for a bad config, a missing or unfinished run, a run of
+  another model, a prior/ of another config, a non-finite loss or
+  SIGTERM/SIGINT (after checkpointing).
   """
   validate(config)
   prior_dir = pathlib.Path(workdir).absolute() / PRIOR_DIR
-  finished = train.finished_run(config, prior_dir)
+  finished = workdir_lib.finished_run(config, prior_dir)
   if finished is not None:
     print(f'{prior_dir} holds a finished prior of this config; its metrics.json is kept.')
     return finished
   run = load_vq_run(workdir)
-  batch_size = config.train.batch_size
-  if batch_size > len(run.splits.train):
-    raise UserError(f'config.train.batch_size={batch_size} is not allowed: use at most '
-                    f'{len(run.splits.train)}, the training images')
-  train.init_workdir(config, prior_dir)
-
-  codes = {name: encode_codes(run, images, batch_size)
-           for name, images in run.splits._asdict().items()}
+  config_lib.check(config, {'train.batch_size': config_lib.batch_fits(len(run.splits.train))})
+  codes = run.splits._make(encode_codes(run, images, config.train.batch_size)
+                           for images in run.splits)
   num_codes = run.config.vq.num_embeddings
   model = build_prior(config, num_codes)
   init_key, eval_key = jax.random.split(jax.random.key(config.seed))
-  state = create_prior_state(config, model, codes['train'].shape[1:], init_key)
+  state = create_prior_state(config, model, codes.train.shape[1:], init_key)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   print(f'PixelCNN prior: {num_params:,} parameters; {num_codes} codes on a '
-        f'{codes["train"].shape[1:]} grid; {len(codes["train"])} train, '
-        f'{len(codes["validation"])} validation, {len(codes["test"])} test grids')
+        f'{codes.train.shape[1:]} grid; {len(codes.train)} train, '
+        f'{len(codes.validation)} validation, {len(codes.test)} test grids')
 
-  step_fn = jax.jit(prior_train_step, donate_argnums=0)
-  eval_fn = jax.jit(prior_eval_step)
-  steps_per_epoch = len(codes['train']) // batch_size
-  train_codes = jax.device_put(codes['train'])
-  best_checkpoint, _ = checkpoints.managers(prior_dir, keep_latest=1)
+  def summarize(test_metrics, best_epoch, best_bits):
+    return {'test_bits_per_code': test_metrics['bits_per_code'],
+            'uniform_bits_per_code': uniform_bits_per_code(num_codes),
+            'unigram_bits_per_code': unigram_bits_per_code(codes.train, codes.test, num_codes),
+            'best_epoch': best_epoch, 'best_val_bits_per_code': best_bits,
+            'num_params': int(num_params)}
 
-  best_bits, best_epoch = np.inf, 0
-  with open(prior_dir / 'history.jsonl', 'w') as history:
-    for epoch in range(1, config.train.num_epochs + 1):
-      start = time.perf_counter()
-      order = np.random.default_rng([config.seed, epoch]).permutation(len(train_codes))
-      step_bits = []
-      for step in range(steps_per_epoch):
-        state, bits = step_fn(state, train_codes[order[step * batch_size:(step + 1) * batch_size]])
-        step_bits.append(bits)
-      train_bits = float(jnp.mean(jnp.stack(step_bits)))
-      val_bits = train.evaluate(eval_fn, state, codes['validation'], batch_size,
-                                eval_key)['bits_per_code']
-      record = {'epoch': epoch, 'train/bits_per_code': train_bits,
-                'val/bits_per_code': val_bits, 'seconds': time.perf_counter() - start}
-      history.write(json.dumps(record) + '\n')
-      history.flush()
-      if val_bits < best_bits:
-        best_bits, best_epoch = val_bits, epoch
-        checkpoints.save_best(best_checkpoint, epoch, state)
-      print(f'epoch {epoch}: train {train_bits:.4f} | val {val_bits:.4f} bits per code',
-            flush=True)
-
-  best_checkpoint.wait_until_finished()
-  state = checkpoints.restore_best(best_checkpoint, state, best_epoch)
-  result = {
-      'test_bits_per_code': train.evaluate(eval_fn, state, codes['test'], batch_size,
-                                           eval_key)['bits_per_code'],
-      'uniform_bits_per_code': uniform_bits_per_code(num_codes),
-      'unigram_bits_per_code': unigram_bits_per_code(codes['train'], codes['test'], num_codes),
-      'best_epoch': best_epoch, 'best_val_bits_per_code': best_bits,
-      'num_params': int(num_params)}
-  (prior_dir / 'metrics.json').write_text(json.dumps(result, indent=2) + '\n')
-  print(f'test bits per code (best epoch {best_epoch}): prior {result["test_bits_per_code"]:.4f} '
-        f'| unigram {result["unigram_bits_per_code"]:.4f} '
+  task = loop.Task(state=state, train_step=prior_train_step, eval_step=prior_eval_step,
+                   splits=codes, train_key=eval_key, eval_key=eval_key,
+                   objective='bits_per_code')
+  result = loop.fit(task, config, prior_dir, summarize)
+  print(f'test bits per code (best epoch {result["best_epoch"]}): prior '
+        f'{result["test_bits_per_code"]:.4f} | unigram {result["unigram_bits_per_code"]:.4f} '
         f'| uniform {result["uniform_bits_per_code"]:.4f}')
   return result
 
@@ -235,10 +205,10 @@ def train_prior(config, workdir) -> dict:
 def load_prior(workdir, run):
   """(model, state) of the trained prior in <workdir>/prior/, restored from its best checkpoint."""
   prior_dir = pathlib.Path(workdir).absolute() / PRIOR_DIR
-  if not (prior_dir / 'metrics.json').exists():
-    raise UserError(f"workdir '{workdir}' holds no trained prior (no prior/metrics.json): run "
-                    f'python -m experiments.prior --workdir={workdir} first')
-  config = ml_collections.ConfigDict(json.loads((prior_dir / 'config.json').read_text()))
+  workdir_lib.check_finished(prior_dir, 'trained prior',
+                             f'run python -m experiments.prior --workdir={workdir} first')
+  config = default_config()
+  config.update(workdir_lib.read_json(prior_dir / workdir_lib.CONFIG))
   model = build_prior(config, run.config.vq.num_embeddings)
   state = create_prior_state(config, model, code_grid(run), jax.random.key(config.seed))
   best_checkpoint, _ = checkpoints.managers(prior_dir, keep_latest=1)

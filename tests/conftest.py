@@ -1,7 +1,11 @@
 """Shared fixtures: small networks on the embedded digits so every test compiles little."""
+import collections
+import contextlib
+import logging
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -10,8 +14,11 @@ import jax
 import pytest
 
 from mtvae_jax import config as config_lib
+from mtvae_jax.data import pipeline
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+TRAIN_IMAGES = 1455  # digits
+STEPS_PER_EPOCH = 22  # 1455 digits training images in batches of 64
 
 VARIANTS = [(model, method) for model in ('gaussian', 'vq') for method in ('none', 'multi', 'single')]
 
@@ -42,10 +49,53 @@ def small(make_config, **train_keys):
   return config
 
 
+@pytest.fixture
+def sigterm_after(monkeypatch):
+  """Makes a training loop receive SIGTERM after `n` training batches (monkeypatch.undo() ends it)."""
+  def arm(n):
+    feed = pipeline.batches
+    def batches(images, *args, **kwargs):
+      for batch in feed(images, *args, **kwargs):
+        # the training split held on the device by the loop, not evaluation or encoding
+        if isinstance(images, jax.Array) and len(images) == TRAIN_IMAGES:
+          if sigterm_after.count == n:
+            os.kill(os.getpid(), signal.SIGTERM)
+          sigterm_after.count += 1
+        yield batch
+    sigterm_after.count = 0
+    monkeypatch.setattr(pipeline, 'batches', batches)
+  return arm
+
+
 def latest_steps(workdir):
   """The steps of workdir's latest checkpoints, ascending."""
   folder = pathlib.Path(workdir) / 'checkpoints' / 'latest'
   return sorted(int(p.name) for p in folder.glob('*') if p.name.isdigit()) if folder.is_dir() else []
+
+
+@contextlib.contextmanager
+def compilations():
+  """Counts what jit compiles inside the block, by the names jax logs: yields (compiled, cached),
+  Counters of 'jit(<function>)' traced and compiled or loaded, and of 'jit_<function>' loaded
+  from the persistent compilation cache."""
+  compiled, cached = collections.Counter(), collections.Counter()
+
+  class Handler(logging.Handler):
+
+    def emit(self, record):
+      message = record.getMessage()
+      if message.startswith('Compiling '):
+        compiled[message.split()[1]] += 1
+      elif message.startswith('Persistent compilation cache hit for '):
+        cached[message.split("'")[1]] += 1
+
+  handler = Handler()
+  logging.getLogger('jax').addHandler(handler)
+  try:
+    with jax.log_compiles(True):
+      yield compiled, cached
+  finally:
+    logging.getLogger('jax').removeHandler(handler)
 
 
 def run_main(*args, devices=None):

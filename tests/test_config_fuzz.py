@@ -5,7 +5,8 @@ from absl import flags
 from hypothesis import HealthCheck, given, settings, strategies as st
 import pytest
 
-from experiments import main as cli
+from experiments import cli
+import mtvae_jax
 
 NAMES = {
     'model': ('gaussian', 'vq'),
@@ -47,8 +48,8 @@ def test_invalid_override_exits_with_one_line(override, capsys, tmp_path):
           f'--config.{key}={value}']
   flags.FLAGS.unparse_flags()
   with pytest.raises(SystemExit) as exit_info:
-    cli.parse_flags(argv)
-    cli.run(cli.mtvae_jax.train_and_evaluate)
+    cli.flags_parser('experiments.main')(argv)
+    cli.run(mtvae_jax.train_and_evaluate, cli.CONFIG.value, cli.workdir())
   assert exit_info.value.code == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error: ') and '\n' not in err, err

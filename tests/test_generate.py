@@ -6,6 +6,7 @@ One small VQ-VAE (method single) is trained once for the module; the prior
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import small_config
+from conftest import small_config, STEPS_PER_EPOCH
 from mtvae_jax import generate
 from mtvae_jax import prior
 from mtvae_jax import train
@@ -70,6 +71,23 @@ def test_trained_prior_beats_unigram_which_beats_uniform(vq_run):
   codes = prior.encode_codes(run, run.splits.validation, 64)
   bits = prior.bits_per_code(model.apply({'params': state.params}, codes), codes)
   assert float(jnp.mean(bits)) == pytest.approx(metrics['best_val_bits_per_code'], rel=1e-4)
+
+
+def test_interrupted_prior_training_resumes_to_the_same_metrics(vq_run, tmp_path, sigterm_after,
+                                                               monkeypatch, capsys):
+  workdir, _ = vq_run
+  copy = tmp_path / 'run'  # the VQ run without its prior
+  shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns('prior', 'samples'))
+  sigterm_after(2 * STEPS_PER_EPOCH + 4)
+  with pytest.raises(UserError, match='stopped by SIGTERM at epoch 3, step 5'):
+    prior.train_prior(tiny_prior_config(), copy)
+  monkeypatch.undo()
+  capsys.readouterr()
+  assert prior.train_prior(tiny_prior_config(), copy) == json.loads(
+      (workdir / 'prior' / 'metrics.json').read_text())
+  assert 'resuming at epoch 3, step 5' in capsys.readouterr().out
+  history = [json.loads(line) for line in (copy / 'prior' / 'history.jsonl').read_text().splitlines()]
+  assert [h['epoch'] for h in history] == list(range(1, 7))
 
 
 def test_codes_index_the_codebook_and_look_up_the_quantized_latents(vq_run):

@@ -10,6 +10,7 @@ from conftest import latest_steps, small
 from mtvae_jax import checkpoints
 from mtvae_jax import data
 from mtvae_jax import train
+from mtvae_jax import workdir
 from mtvae_jax.data import pipeline
 from mtvae_jax.errors import UserError
 
@@ -65,7 +66,7 @@ def test_unwritable_workdir_is_reported_before_training(make_config, tmp_path):
 
 def test_full_disk_is_reported_before_training(make_config, tmp_path, monkeypatch):
   usage = collections.namedtuple('usage', 'total used free')
-  monkeypatch.setattr(train.shutil, 'disk_usage', lambda path: usage(10, 10, 0))
+  monkeypatch.setattr(workdir.shutil, 'disk_usage', lambda path: usage(10, 10, 0))
   with pytest.raises(UserError, match='0 MiB free'):
     train.train_and_evaluate(make_config('gaussian', 'none'), tmp_path)
   assert not (tmp_path / 'history.jsonl').exists()

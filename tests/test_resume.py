@@ -9,18 +9,15 @@ import time
 
 import pytest
 
-from conftest import latest_steps, small, small_config
+from conftest import compilations, latest_steps, small, small_config, STEPS_PER_EPOCH
 from mtvae_jax import train
-from mtvae_jax.data import pipeline
 from mtvae_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TRAIN_IMAGES = 1455  # digits
-STEPS_PER_EPOCH = 22  # 1455 digits training images in batches of 64
-CLI_ARGS = ['--config=configs/vq_multi.py', '--config.train.num_epochs=2',
-            '--config.train.checkpoint_every_steps=3', '--config.vq.hidden_sizes=(8,16)',
-            '--config.vq.num_embeddings=16', '--config.vq.embedding_dim=4',
-            '--config.train.batch_size=64']
+# small(small_config) on the command line
+CLI_ARGS = ['--config=configs/gauss_multi.py', '--config.train.num_epochs=2',
+            '--config.train.checkpoint_every_steps=5', '--config.gaussian.hidden_sizes=(8,16)',
+            '--config.gaussian.latent_dim=4', '--config.train.batch_size=64']
 
 
 def cli(workdir):
@@ -30,8 +27,7 @@ def cli(workdir):
                           env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
-def test_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path):
-  reference = cli(tmp_path / 'reference')
+def test_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path, reference):
   killed = cli(tmp_path / 'killed')
   deadline = time.time() + 300
   while not [s for s in latest_steps(tmp_path / 'killed') if s > STEPS_PER_EPOCH]:
@@ -44,34 +40,27 @@ def test_run_killed_mid_epoch_resumes_to_identical_metrics(tmp_path):
   out, err = resumed.communicate(timeout=300)
   assert resumed.returncode == 0, err
   assert 'resuming at epoch 2' in out
-  assert reference.wait(timeout=300) == 0
-  expected = json.loads((tmp_path / 'reference' / 'metrics.json').read_text())
-  assert json.loads((tmp_path / 'killed' / 'metrics.json').read_text()) == expected
+  assert json.loads((tmp_path / 'killed' / 'metrics.json').read_text()) == reference
   history = [json.loads(l) for l in (tmp_path / 'killed' / 'history.jsonl').read_text().splitlines()]
   assert [h['epoch'] for h in history] == [1, 2]
 
 
-@pytest.fixture
-def sigterm_after(monkeypatch):
-  """Makes the training loop receive SIGTERM after `n` training batches."""
-  def arm(n):
-    feed = pipeline.batches
-    def batches(images, *args, **kwargs):
-      for batch in feed(images, *args, **kwargs):
-        if len(images) == TRAIN_IMAGES:  # the training split, not evaluation
-          if sigterm_after.count == n:
-            os.kill(os.getpid(), signal.SIGTERM)
-          sigterm_after.count += 1
-        yield batch
-    sigterm_after.count = 0
-    monkeypatch.setattr(pipeline, 'batches', batches)
-  return arm
-
-
 @pytest.fixture(scope='module')
-def reference(tmp_path_factory):
-  """metrics.json of an uninterrupted run of `small(...)`."""
-  return train.train_and_evaluate(small(small_config), tmp_path_factory.mktemp('reference'))
+def reference_run(tmp_path_factory):
+  """(metrics.json, compilations()) of an uninterrupted run of `small(...)`."""
+  with compilations() as counts:
+    metrics = train.train_and_evaluate(small(small_config), tmp_path_factory.mktemp('reference'))
+  return metrics, counts
+
+
+@pytest.fixture
+def reference(reference_run):
+  return reference_run[0]
+
+
+def test_a_run_compiles_its_train_step_and_its_eval_step_once(reference_run):
+  _, (compiled, _) = reference_run
+  assert compiled['jit(guarded_step)'] == compiled['jit(eval_step)'] == 1, compiled
 
 
 def test_sigterm_checkpoints_then_rerun_resumes_exactly(make_config, tmp_path, sigterm_after,
@@ -82,7 +71,11 @@ def test_sigterm_checkpoints_then_rerun_resumes_exactly(make_config, tmp_path, s
     train.train_and_evaluate(config, tmp_path / 'run')
   assert (STEPS_PER_EPOCH + 8) in latest_steps(tmp_path / 'run')
   monkeypatch.undo()
-  assert train.train_and_evaluate(config, tmp_path / 'run') == reference
+  with compilations() as (compiled, cached):
+    assert train.train_and_evaluate(config, tmp_path / 'run') == reference
+  # once each, and the same config's train step comes from the persistent compilation cache
+  assert compiled['jit(guarded_step)'] == compiled['jit(eval_step)'] == 1, compiled
+  assert cached['jit_guarded_step'] == 1, cached
 
 
 def test_damaged_newest_checkpoint_falls_back_to_the_previous(make_config, tmp_path, capsys,

@@ -6,8 +6,10 @@ import pytest
 
 from conftest import VARIANTS
 from mtvae_jax import data
+from mtvae_jax import loop
 from mtvae_jax import models
 from mtvae_jax import train
+from mtvae_jax import workdir
 from mtvae_jax.errors import UserError
 
 
@@ -67,10 +69,10 @@ def test_test_metrics_come_from_the_best_checkpoint(make_config, tmp_path):
   result = train.train_and_evaluate(config, tmp_path)
   run = train.load_run(tmp_path)  # restores the best checkpoint
   eval_fn = jax.jit(lambda s, x, w, k: train.eval_step(s, x, w, k, config=config))
-  val = train.evaluate(eval_fn, run.state, run.splits.validation, config.train.batch_size,
-                       run.eval_key)
+  val = loop.evaluate(eval_fn, run.state, run.splits.validation, config.train.batch_size,
+                      run.eval_key)
   assert val['loss'] == pytest.approx(result['best_val_loss'], rel=1e-5)
-  test = train.evaluate(eval_fn, run.state, run.splits.test, config.train.batch_size, run.eval_key)
+  test = loop.evaluate(eval_fn, run.state, run.splits.test, config.train.batch_size, run.eval_key)
   assert test['loss'] == pytest.approx(result['loss'], rel=1e-5)
 
 
@@ -135,6 +137,6 @@ def test_a_run_written_before_a_config_key_existed_loads_with_its_default(make_c
   del stored['distributed']
   (tmp_path / 'config.json').write_text(json.dumps(stored))
   (tmp_path / 'metrics.json').write_text('{}')
-  loaded = train.load_config(tmp_path)
+  loaded = workdir.load_config(tmp_path)
   assert loaded.train.batch_size == 32 and loaded.method == 'single'
   assert loaded.distributed == config.distributed

@@ -1,6 +1,5 @@
 """Model registry: config.model names a builder of a flax module."""
-from mtvae_jax.models.base import METHODS  # noqa: F401  (re-exported for config validation)
-from mtvae_jax.models.conditioning import CONDITIONINGS  # noqa: F401  (re-exported, as METHODS)
+from mtvae_jax.models.conditioning import CONDITIONINGS  # noqa: F401  (for config validation)
 from mtvae_jax.models.gaussian import GaussianVAE
 from mtvae_jax.models.vq import VQVAE
 

@@ -4,21 +4,16 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mtvae_jax import methods
 from mtvae_jax.models import layers
-
-METHODS = ('none', 'multi', 'single')
 
 
 class MultitaskAutoencoder(nn.Module):
-  """Base of both model families.
+  """Base of both model families: the decoders of `method` (a name in methods.METHODS).
 
-  method 'none': decoder p(x|z) only (the plain VAE / VQ-VAE);
-  'multi': p(x|z) and a conditioned p(x|z, m), sharing z (thesis 3.2);
-  'single': one decoder p(x|z, m), given an all-zero m when nothing is
-  observed (thesis 3.3).
-
-  Subclasses define `setup` (with `padded`, `encoder`, `decoder` and/or
-  `cond_decoder`) and `encode(x, key, train) -> (z, {term: (B,)})`.
+  Subclasses define `setup` (with `padded`, `encoder` and the method's
+  decoders, methods.PLAIN and/or methods.CONDITIONED) and
+  `encode(x, key, train) -> (z, {term: (B,)})`.
   """
   image_shape: Sequence[int]
   method: str
@@ -29,9 +24,9 @@ class MultitaskAutoencoder(nn.Module):
     return padded, tuple(side >> num_down for side in padded)
 
   def decode(self, z, m=None, *, train=False):
-    """z -> (B, H, W, C). m=None: decoder 1, or the single decoder with an empty mask."""
+    """z -> (B, H, W, C). m=None: p(x|z), or p(x|z, m) with an empty mask where p(x|z) is absent."""
     height, width, channels = self.image_shape
-    if self.method == 'single' and m is None:
+    if m is None and methods.PLAIN not in methods.METHODS[self.method].decoders:
       m = jnp.zeros((z.shape[0], height, width, channels + 1), z.dtype)
     out = self.decoder(z, train=train) if m is None else self.cond_decoder(z, m, train=train)
     return out[:, :height, :width]

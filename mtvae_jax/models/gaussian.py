@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mtvae_jax import losses
+from mtvae_jax import methods
 from mtvae_jax.models import base
 from mtvae_jax.models import conditioning
 from mtvae_jax.models import layers
@@ -57,10 +58,8 @@ class GaussianVAE(base.MultitaskAutoencoder):
     channels = self.image_shape[-1]
     self.padded, start = self.grids(len(self.hidden_sizes))
     self.encoder = Encoder(self.hidden_sizes, self.latent_dim)
-    if self.method != 'single':
-      self.decoder = Decoder(self.hidden_sizes, start, channels)
-    if self.method != 'none':
-      self.cond_decoder = Decoder(self.hidden_sizes, start, channels, self.conditioning)
+    for name in methods.METHODS[self.method].decoders:  # m reaches only methods.CONDITIONED
+      setattr(self, name, Decoder(self.hidden_sizes, start, channels, self.conditioning))
 
   def encode(self, x, key, *, train):
     """Returns z (B, latent_dim), drawn by reparameterisation, and the KL term."""

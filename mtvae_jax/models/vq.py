@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from mtvae_jax import losses
+from mtvae_jax import methods
 from mtvae_jax.models import base
 from mtvae_jax.models import conditioning
 from mtvae_jax.models import layers
@@ -106,11 +107,9 @@ class VQVAE(base.MultitaskAutoencoder):
     self.padded, _ = self.grids(len(self.hidden_sizes))
     self.encoder = Encoder(self.hidden_sizes, self.num_residual_layers, self.embedding_dim)
     self.quantizer = VectorQuantizer(self.num_embeddings, self.embedding_dim)
-    if self.method != 'single':
-      self.decoder = Decoder(self.hidden_sizes, self.num_residual_layers, channels)
-    if self.method != 'none':
-      self.cond_decoder = Decoder(self.hidden_sizes, self.num_residual_layers, channels,
-                                  self.conditioning)
+    for name in methods.METHODS[self.method].decoders:  # m reaches only methods.CONDITIONED
+      setattr(self, name, Decoder(self.hidden_sizes, self.num_residual_layers, channels,
+                                  self.conditioning))
 
   def encode(self, x, key=None, *, train):
     """Returns the straight-through z_q (B, h, w, D) and the VQ loss term."""

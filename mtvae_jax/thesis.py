@@ -359,7 +359,6 @@ def run_submitit(runs, workdir, cluster='slurm', partition='', timeout_min=24 * 
       submitted = [executor.submit(execute, run.args, str(run.log.absolute()), cwd)
                    for run in to_submit]
     for run, job in zip(to_submit, submitted):
-      run.log.parent.mkdir(parents=True, exist_ok=True)
       jobs[run] = job
       recorded[run.name] = job.job_id
     _jobs_file(workdir).write_text(json.dumps(recorded, indent=2) + '\n')
@@ -370,6 +369,9 @@ def run_submitit(runs, workdir, cluster='slurm', partition='', timeout_min=24 * 
     try:
       job.result()
       echo(f'[{count}/{len(jobs)}] {run.name} done')
+    except KeyboardInterrupt:
+      raise UserError('stopped waiting; the jobs go on: rerun the same command to wait for them '
+                      'and write the report') from None
     except Exception as e:  # pylint: disable=broad-except  # a failed job, whatever its cause
       failures.append(Failure(run, last_line(run.log) or str(e).splitlines()[0]))
       echo(f'[{count}/{len(jobs)}] {run.name} failed: {failures[-1].reason}')

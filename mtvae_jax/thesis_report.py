@@ -40,6 +40,7 @@ CLAIMS = {
 
 
 class Comparison(NamedTuple):
+  """Part of a claim: metric_b of row b against metric_a of row a, expected sign(b - a) == sign."""
   claim: str
   a: str
   metric_a: str
@@ -276,7 +277,8 @@ def write_report(workdir, rows, num_folds, command='', network_overridden=()):
           f'with a paired t-test at the {stats.ALPHA:g} level; a claim holds when all of its '
           'comparisons hold and is contradicted when any is.', '', claims_markdown(claims, results)]
   if figures:
-    text += ['## Validation loss curves', '']
+    text += ['## Validation loss curves', '',
+             'Each line is the mean over folds, its band ± one standard deviation.', '']
     text += [f'Thesis figure {number}: {title}.\n\n![{title}]({path.relative_to(workdir)})\n'
              for number, title, path in figures]
   (workdir / 'report.md').write_text('\n'.join(text))

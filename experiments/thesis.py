@@ -37,7 +37,8 @@ _DRY_RUN = flags.DEFINE_bool('dry_run', False, 'List the runs and which are done
 _CLUSTER = flags.DEFINE_enum('slurm_cluster', 'slurm', ['slurm', 'local', 'debug'],
                              "slurm: submit to SLURM; local, debug: submitit's executors that run "
                              'the job array on this machine, to try a setup.')
-_PARTITION = flags.DEFINE_string('slurm_partition', '', 'SLURM partition (default: the cluster\'s).')
+_PARTITION = flags.DEFINE_string('slurm_partition', '',
+                                 "SLURM partition (default: the cluster's).")
 _TIME = flags.DEFINE_integer('slurm_time', 24 * 60, 'Time limit of each job in minutes.')
 _GPUS = flags.DEFINE_integer('slurm_gpus', 1, 'GPUs per job.')
 _CPUS = flags.DEFINE_integer('slurm_cpus', 0, 'CPUs per job (0: the cluster\'s default).')

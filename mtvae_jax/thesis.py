@@ -62,7 +62,8 @@ def row_arguments(fields, configs_dir, data):
       f"{CONFIG_FILES[fields['model']]}_{METHOD_FILES[fields['method']]}.py")
   args = [f"--config={config_file}:{data},{fields['preset']}"]
   if fields['method'] != 'none':
-    args += [f"--config.mask.sampling={fields['sampling']}", f"--config.mask.count={fields['count']}"]
+    args += [f"--config.mask.sampling={fields['sampling']}",
+             f"--config.mask.count={fields['count']}"]
   if fields.get('exponent'):
     args.append(f"--config.mask.power_law_exponent={fields['exponent']}")
   return args + [f"--config.loss.balancing={fields['balancing']}"]

@@ -14,15 +14,9 @@ SHAPES = [(8, 8, 1), (28, 28, 1), (32, 32, 3), (64, 64, 3)]
 PRESETS = [('gaussian', 1), ('gaussian', 2), ('vq', 1), ('vq', 2), ('vq', 3)]
 
 
-def _tiny_config(model_name, method, conditioning):
-  config = config_lib.base_config(model_name, method, 'digits')
+def _tiny_config(make_config, model_name, method, conditioning):
+  config = make_config(model_name, method)
   config.conditioning = conditioning
-  config.gaussian.hidden_sizes = (8, 16)
-  config.gaussian.latent_dim = 4
-  config.vq.hidden_sizes = (8, 16)
-  config.vq.num_residual_layers = 1
-  config.vq.num_embeddings = 16
-  config.vq.embedding_dim = 4
   return config
 
 
@@ -51,15 +45,15 @@ def test_spatial_conditioned_decoder_has_at_most_one_and_a_half_times_decoder_1s
   assert min(ratios.values()) > 1.0, ratios  # m's path has parameters of its own
 
 
-def _pixel_change(model_name, conditioning, seed):
+def _pixel_change(make_config, model_name, conditioning):
   """|output change| (24, 24) of a fresh single-decoder model when observed pixel (12, 12) flips."""
   shape = (24, 24, 1)
-  model = models.build_model(_tiny_config(model_name, 'single', conditioning), shape)
-  x = jax.random.uniform(jax.random.key(seed), (1, *shape))
+  model = models.build_model(_tiny_config(make_config, model_name, 'single', conditioning), shape)
+  x = jax.random.uniform(jax.random.key(0), (1, *shape))
   mask = jnp.zeros((1, *shape[:2], 1)).at[:, ::4, ::4].set(1.0)
   m = jnp.concatenate([mask, mask * x], -1)
   flipped = m.at[0, 12, 12, 1].set(1.0 - m[0, 12, 12, 1])
-  variables = model.init(jax.random.key(seed), x, {'recon': m}, jax.random.key(1), train=False)
+  variables = model.init(jax.random.key(0), x, {'recon': m}, jax.random.key(1), train=False)
   z, _ = model.apply(variables, x, jax.random.key(1), train=False, method=model.encode)
   decode = jax.jit(lambda m: model.apply(variables, z, m, method=model.decode))
   return np.abs(np.asarray(decode(flipped) - decode(m)))[0, ..., 0]
@@ -67,19 +61,19 @@ def _pixel_change(model_name, conditioning, seed):
 
 @pytest.mark.parametrize('model_name', ['gaussian', 'vq'])
 def test_spatial_conditioning_changes_the_output_near_a_changed_pixel_more_than_far_from_it(
-    model_name):
+    model_name, make_config):
   rows, cols = np.mgrid[:24, :24]
   distance = np.maximum(abs(rows - 12), abs(cols - 12))
-  for seed in range(2):
-    change = _pixel_change(model_name, 'spatial', seed)
-    near, far = change[distance <= 1].mean(), change[distance >= 8].mean()
-    assert near > 0 and near > 10 * far, (seed, near, far)
+  change = _pixel_change(make_config, model_name, 'spatial')
+  near, far = change[distance <= 1].mean(), change[distance >= 8].mean()
+  assert near > 0 and near > 10 * far, (near, far)
 
 
 @pytest.mark.parametrize('model_name', ['gaussian', 'vq'])
-def test_forward_mode_derivatives_pass_through_the_spatial_conditioned_decoder(model_name):
+def test_forward_mode_derivatives_pass_through_the_spatial_conditioned_decoder(
+    model_name, make_config):
   shape = (9, 7, 3)
-  model = models.build_model(_tiny_config(model_name, 'multi', 'spatial'), shape)
+  model = models.build_model(_tiny_config(make_config, model_name, 'multi', 'spatial'), shape)
   x = jax.random.uniform(jax.random.key(0), (2, *shape))
   m = jnp.concatenate([jnp.ones_like(x[..., :1]), x], -1)
   variables = model.init(jax.random.key(0), x, {'recon': None, 'recon_cond': m},
@@ -95,7 +89,7 @@ def test_forward_mode_derivatives_pass_through_the_spatial_conditioned_decoder(m
   assert float(jnp.abs(tangent).max()) > 0
 
 
-# The conditioned decoder of _tiny_config(model, 'multi', 'dense') on (9, 7, 3) images before
+# The conditioned decoder of conftest's small_config(model, 'multi') on (9, 7, 3) images before
 # config.conditioning existed: its parameter shapes and statistics of its output.
 DENSE_PARAMS = {
     'gaussian': {'BatchNorm_0': {'bias': (8,), 'scale': (8,)},
@@ -122,9 +116,9 @@ DENSE_OUTPUTS = {
 
 
 @pytest.mark.parametrize('model_name', ['gaussian', 'vq'])
-def test_dense_conditioning_keeps_its_parameters_and_outputs(model_name):
+def test_dense_conditioning_keeps_its_parameters_and_outputs(model_name, make_config):
   shape = (9, 7, 3)
-  config = _tiny_config(model_name, 'multi', 'dense')
+  config = _tiny_config(make_config, model_name, 'multi', 'dense')
   assert config_lib.base_config(model_name, 'multi').conditioning == 'dense'
   model = models.build_model(config, shape)
   x = jax.random.uniform(jax.random.key(1), (3, *shape))
@@ -141,18 +135,18 @@ def test_dense_conditioning_keeps_its_parameters_and_outputs(model_name):
   np.testing.assert_allclose(out.reshape(-1)[:4], first, atol=1e-5)
 
 
-def test_unknown_conditioning_is_a_user_error():
-  config = _tiny_config('vq', 'multi', 'sparse')
+def test_unknown_conditioning_is_a_user_error(make_config):
+  config = _tiny_config(make_config, 'vq', 'multi', 'sparse')
   with pytest.raises(config_lib.UserError, match="config.conditioning='sparse'.*dense, spatial"):
     config_lib.validate(config)
 
 
 @pytest.mark.parametrize('model_name', ['gaussian', 'vq'])
-def test_torch_twin_computes_the_same_spatial_conditioned_decoder(model_name):
+def test_torch_twin_computes_the_same_spatial_conditioned_decoder(model_name, make_config):
   torch = pytest.importorskip('torch')
   from experiments import torch_reference  # pylint: disable=import-outside-toplevel
   shape = (10, 10, 3)  # odd after one halving: the padding of m
-  config = _tiny_config(model_name, 'multi', 'spatial')
+  config = _tiny_config(make_config, model_name, 'multi', 'spatial')
   model = models.build_model(config, shape)
   x = jax.random.uniform(jax.random.key(0), (2, *shape))
   m = jnp.concatenate([(x[..., :1] > 0.5).astype(jnp.float32), x], -1)

@@ -42,10 +42,11 @@ class Task(NamedTuple):
     TrainState with `params` and `batch_stats`).
   train_step: (state, batch, key) -> (state, {metric: ()}), pure.
   eval_step: (state, batch, weights (B,), key) -> {metric: sum over the batch,
-    weighted by `weights`}.
+    weighted by `weights`; a pytree of arrays where eval_metrics makes it scalars}.
   splits: data.Splits whose rows form the batches (images, or codes).
   train_key, eval_key: the keys of the steps, folded with the step or batch index.
   objective: the validation metric whose lowest epoch is kept.
+  eval_metrics: eval_step's sums averaged over a split -> {metric: ()}.
   extras: state -> {group: {name: ()}}, values recorded each epoch as group/name.
   grid: None, or state -> (H, W, C) image, drawn into TensorBoard (events.py).
   """
@@ -56,6 +57,7 @@ class Task(NamedTuple):
   train_key: jax.Array
   eval_key: jax.Array
   objective: str = 'loss'
+  eval_metrics: Callable = lambda means: means
   extras: Callable = lambda state: {}
   grid: Optional[Callable] = None
 
@@ -110,13 +112,20 @@ def padded_batches(array, batch_size, num_workers=0):
   return zip(pipeline.batches(array, rows, num_workers), weights)
 
 
-def evaluate(eval_fn, state, images, batch_size, key, num_workers=0):
-  """Metrics averaged over all `images` (any rank, or a Source), in padded batches of one shape."""
+def evaluate(eval_fn, state, images, batch_size, key, num_workers=0,
+             finish=lambda means: means):
+  """Metrics averaged over all `images` (any rank, or a Source), in padded batches of one shape.
+
+  eval_fn's sums may be pytrees of arrays; finish turns their averages into
+  {metric: ()}.
+  """
   sums = None
   for index, (batch, weights) in enumerate(padded_batches(images, batch_size, num_workers)):
     out = eval_fn(state, batch, weights, jax.random.fold_in(key, index))
     sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
-  return {name: float(value) / len(images) for name, value in jax.device_get(sums).items()}
+  means = jax.tree.map(lambda value: np.asarray(value, np.float64) / len(images),
+                       jax.device_get(sums))
+  return {name: float(value) for name, value in finish(means).items()}
 
 
 class _StopSignal:
@@ -176,10 +185,16 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
   summarize(test metrics, best epoch, its validation objective) -> the
   content of metrics.json. num_workers: processes that decode a streamed
   split (data.pipeline). Raises UserError for a workdir that cannot be
-  written, a non-finite metric ('stop' mode) or SIGTERM/SIGINT (after
-  checkpointing).
+  written or that another process trains in (its lock), a non-finite metric
+  ('stop' mode) or SIGTERM/SIGINT (after checkpointing).
   """
   workdir = pathlib.Path(workdir).absolute()
+  with workdir_lib.locked(workdir) if parallel.is_writer() else contextlib.nullcontext():
+    return _fit(task, config, workdir, summarize, num_workers)
+
+
+def _fit(task, config, workdir, summarize, num_workers):
+  """fit, with the workdir's lock held by the writing process."""
   state, splits, train_config = task.state, task.splits, config.train
   resume = (workdir / workdir_lib.CONFIG).exists()
   writes = parallel.is_writer()
@@ -253,7 +268,8 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
         train_metrics = {name: float(totals[name] / max(totals['steps'], 1))
                          for name in metric_names}
         seconds = time.perf_counter() - start
-        val_metrics = evaluate(eval_fn, state, val_data, batch_size, task.eval_key, num_workers)
+        val_metrics = evaluate(eval_fn, state, val_data, batch_size, task.eval_key, num_workers,
+                               task.eval_metrics)
         extras = {group: {name: float(value) for name, value in values.items()}
                   for group, values in jax.device_get(task.extras(state)).items()}
         record = {'epoch': epoch,
@@ -278,7 +294,8 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
     latest_checkpoints.wait_until_finished()
 
   state = checkpoints.restore_best(best_checkpoints, state, position['best_epoch'])
-  test_metrics = evaluate(eval_fn, state, test_data, batch_size, task.eval_key, num_workers)
+  test_metrics = evaluate(eval_fn, state, test_data, batch_size, task.eval_key, num_workers,
+                          task.eval_metrics)
   print(f'test (best epoch {position["best_epoch"]}): {_format(test_metrics)}')
   result = summarize(test_metrics, position['best_epoch'], position['best_loss'])
   if writes:

@@ -4,15 +4,20 @@
   history.jsonl   one JSON line per epoch
   metrics.json    the test metrics of a finished run
   checkpoints/    orbax checkpoints (checkpoints.py)
+  .lock           held by the process that trains in the directory; holds its process id
 
 and what the analyses add (curve.json, uncertainty.json, figures/, samples/;
 a VQ-VAE run's prior/ is a work directory of its own). Its JSON and text
 files are read and written here (read_json, write_json, write_text), the
 checkpoints by checkpoints.py, images by figures.py and generate.py.
 """
+import contextlib
+import fcntl
 import json
+import os
 import pathlib
 import shutil
+import tempfile
 
 from mtvae_jax import config as config_lib
 from mtvae_jax.errors import UserError
@@ -20,18 +25,63 @@ from mtvae_jax.errors import UserError
 CONFIG = 'config.json'
 HISTORY = 'history.jsonl'
 METRICS = 'metrics.json'
+LOCK = '.lock'
+# What a run leaves in its directory besides config.json: with these but no config.json, the
+# directory holds something this run must not replace.
+RUN_FILES = ('checkpoints', HISTORY, METRICS)
 # Config keys that say where and how a run executes, not what it trains.
 RUN_PLACE = ('distributed.', 'data.cache_dir', 'data.num_workers')
 
 
 def read_json(path):
-  """The JSON content of `path`."""
-  return json.loads(pathlib.Path(path).read_text())
+  """The JSON content of `path`; UserError naming the file when it is not JSON (empty, cut short
+  or damaged)."""
+  try:
+    return json.loads(pathlib.Path(path).read_text())
+  except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+    raise UserError(f"'{path}' is damaged, not JSON ({type(e).__name__}: {e}): restore it, or "
+                    'remove the run and train it again') from None
 
 
 def write_text(path, text):
-  """Writes `text` to `path`."""
-  pathlib.Path(path).write_text(text)
+  """Writes `text` to `path` atomically: a reader (or a run killed meanwhile) sees the old content
+  or the new, never a part."""
+  path = pathlib.Path(path)
+  with tempfile.NamedTemporaryFile('w', dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp',
+                                   delete=False) as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(f.name, path)
+
+
+@contextlib.contextmanager
+def locked(workdir):
+  """Holds `workdir`'s lock for the block; UserError at once, naming the holder's process id,
+  when another process holds it.
+
+  The lock is an flock on workdir/.lock, which the operating system releases
+  when its process ends, however it ends: a lock left by a killed run is
+  taken over.
+  """
+  workdir = pathlib.Path(workdir)
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise UserError(f"workdir '{workdir}' is not writable: {e.strerror}") from None
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 32, 0).decode(errors='replace').strip() or 'unknown'
+      raise UserError(f"workdir '{workdir}' is in use by process {holder}: wait for it to end, "
+                      'or choose another --workdir') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+    yield
+  finally:
+    os.close(fd)
 
 
 def write_json(path, data):
@@ -69,15 +119,20 @@ def init_workdir(config, workdir, resume=False, needed_bytes=0):
   disk has less than `needed_bytes` free.
   """
   workdir = pathlib.Path(workdir)
+  left = [name for name in RUN_FILES if (workdir / name).exists()]
+  if not resume and left:
+    raise UserError(f"workdir '{workdir}' holds {', '.join(left)} but no {CONFIG}, so nothing "
+                    'says which run they belong to: choose another --workdir, or remove them')
   try:
     workdir.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(workdir).free
+    if free < needed_bytes:
+      raise UserError(f"workdir '{workdir}' has {free / 2**20:.0f} MiB free, its checkpoints "
+                      f'need about {needed_bytes / 2**20:.0f} MiB: free some space or choose '
+                      'another')
     write_text(workdir / CONFIG, config.to_json_best_effort(sort_keys=True, indent=2))
   except OSError as e:
     raise UserError(f"workdir '{workdir}' is not writable: {e.strerror}") from None
-  free = shutil.disk_usage(workdir).free
-  if free < needed_bytes:
-    raise UserError(f"workdir '{workdir}' has {free / 2**20:.0f} MiB free, its checkpoints need "
-                    f'about {needed_bytes / 2**20:.0f} MiB: free some space or choose another')
   if not resume:
     shutil.rmtree(workdir / 'checkpoints', ignore_errors=True)
 
@@ -99,9 +154,20 @@ def load_config(workdir):
 
 
 def read_history(workdir):
-  """The records of history.jsonl, one a line."""
-  lines = (pathlib.Path(workdir) / HISTORY).read_text().splitlines()
-  return [json.loads(line) for line in lines if line]
+  """The records of history.jsonl, one a line. A last line cut short (its run was killed while
+  writing it, and redoes that epoch on resuming) is left out; UserError for other damage."""
+  path = pathlib.Path(workdir) / HISTORY
+  *lines, last = path.read_text(errors='replace').split('\n')
+  records = []
+  for number, line in enumerate(lines, 1):
+    try:
+      records.extend([json.loads(line)] if line else [])
+    except ValueError:
+      raise UserError(f"'{path}' is damaged at line {number}: restore it, or remove the run "
+                      'and train it again') from None
+  with contextlib.suppress(ValueError):
+    records.extend([json.loads(last)] if last else [])
+  return records
 
 
 class History:

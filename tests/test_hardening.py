@@ -1,0 +1,88 @@
+"""Work directories that must not be lost or corrupted: the lock, files of another run, damaged
+JSON files."""
+import collections
+import json
+import os
+
+import pytest
+
+from mtvae_jax import crossval
+from mtvae_jax import train
+from mtvae_jax import workdir
+from mtvae_jax.errors import UserError
+
+
+def test_a_run_on_a_locked_workdir_is_refused_naming_the_holder(make_config, tmp_path):
+  with workdir.locked(tmp_path):
+    with pytest.raises(UserError, match=f'is in use by process {os.getpid()}:'):
+      train.train_and_evaluate(make_config('gaussian', 'none'), tmp_path)
+  assert not (tmp_path / 'config.json').exists()
+
+
+def test_a_stale_lock_of_a_process_gone_is_taken_over(tmp_path):
+  (tmp_path / '.lock').write_text('999999999\n')  # no process holds it
+  with workdir.locked(tmp_path):
+    assert (tmp_path / '.lock').read_text() == f'{os.getpid()}\n'
+    with pytest.raises(UserError, match=f'in use by process {os.getpid()}'):
+      with workdir.locked(tmp_path):
+        pass
+  with workdir.locked(tmp_path):  # released at the end of the block
+    pass
+
+
+@pytest.mark.parametrize('left', ['checkpoints', 'history.jsonl', 'metrics.json'])
+def test_run_files_without_config_are_refused_and_kept(make_config, tmp_path, left):
+  path = tmp_path / left
+  if left == 'checkpoints':
+    path.mkdir()
+    (path / 'other').write_text('x')
+  else:
+    path.write_text('x')
+  with pytest.raises(UserError, match=f'holds {left} but no config.json'):
+    train.train_and_evaluate(make_config('gaussian', 'none'), tmp_path)
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['.lock', left]
+  assert left != 'checkpoints' or (path / 'other').read_text() == 'x'
+
+
+def test_a_run_refused_for_disk_space_leaves_no_config(make_config, tmp_path, monkeypatch):
+  usage = collections.namedtuple('usage', 'total used free')
+  monkeypatch.setattr(workdir.shutil, 'disk_usage', lambda path: usage(10, 10, 0))
+  with pytest.raises(UserError, match='0 MiB free'):
+    train.train_and_evaluate(make_config('gaussian', 'none'), tmp_path)
+  assert not (tmp_path / 'config.json').exists()
+
+
+def test_json_files_are_replaced_whole(tmp_path):
+  workdir.write_json(tmp_path / 'a.json', {'x': 1})
+  workdir.write_json(tmp_path / 'a.json', {'x': 2})
+  assert workdir.read_json(tmp_path / 'a.json') == {'x': 2}
+  assert [p.name for p in tmp_path.iterdir()] == ['a.json']  # no temporary file left
+
+
+@pytest.mark.parametrize('content', ['', '{"model": "gauss', '\0\0\0', '\xff{'])
+@pytest.mark.parametrize('name', ['config.json', 'metrics.json'])
+def test_damaged_config_or_metrics_is_one_line_naming_it(make_config, tmp_path, name, content):
+  config = make_config('gaussian', 'none')
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  (tmp_path / name).write_bytes(content.encode('latin-1'))
+  with pytest.raises(UserError, match=f"'{tmp_path / name}' is damaged, not JSON") as e:
+    train.train_and_evaluate(config, tmp_path)
+  assert '\n' not in str(e.value)
+
+
+def test_a_torn_last_history_line_is_dropped_and_other_damage_named(tmp_path):
+  lines = [json.dumps({'epoch': 1}), json.dumps({'epoch': 2})]
+  (tmp_path / 'history.jsonl').write_text('\n'.join(lines) + '\n' + lines[1][:5])
+  assert workdir.read_history(tmp_path) == [{'epoch': 1}, {'epoch': 2}]
+  with workdir.History(tmp_path, first_epoch=3) as history:
+    history.append({'epoch': 3})
+  assert workdir.read_history(tmp_path) == [{'epoch': 1}, {'epoch': 2}, {'epoch': 3}]
+  (tmp_path / 'history.jsonl').write_text(lines[0][:5] + '\n' + lines[1] + '\n')
+  with pytest.raises(UserError, match='history.jsonl\' is damaged at line 1'):
+    workdir.read_history(tmp_path)
+
+
+def test_a_damaged_crossval_summary_is_one_line(tmp_path):
+  (tmp_path / 'crossval.json').write_text('{"config": ')
+  with pytest.raises(UserError, match="crossval.json' is damaged"):
+    crossval.report([tmp_path])

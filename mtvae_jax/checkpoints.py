@@ -5,22 +5,62 @@
 
 orbax writes each checkpoint into a temporary folder and renames it when it is
 complete, so a run killed mid-write leaves no half checkpoint under a step
-name. A checkpoint that is still unreadable (damaged on disk) is skipped with
-a one-line warning in favour of the one before it.
+name. Once it is complete, the SHA-256 of each of its files goes into its
+sha256.json (written atomically). Restoring checks those first: a checkpoint
+whose files differ from their sums, or without sha256.json (a run killed
+between the two writes, or one written before checkpoints had sums), counts
+as damaged. A damaged latest checkpoint is skipped with a one-line warning in
+favour of the one before it; a damaged best checkpoint is a UserError.
 """
+import hashlib
 import pathlib
 import sys
 
 import jax
-import orbax.checkpoint as ocp
 
+from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
 
 FORMAT = 1  # bumped when the saved layout changes; older checkpoints are refused
+MANIFEST = 'sha256.json'
+METADATA_BYTES = 2**18  # what orbax writes beside the arrays of a checkpoint (about 100 KiB)
+
+
+class Damaged(Exception):
+  """A checkpoint whose files do not match its sha256.json."""
+
+
+def _sums(folder):
+  """{path relative to `folder`: SHA-256 hex digest} of the files under `folder` but MANIFEST."""
+  sums = {}
+  for path in sorted(folder.rglob('*')):
+    if path.is_file() and path.name != MANIFEST:
+      with open(path, 'rb') as f:
+        sums[str(path.relative_to(folder))] = hashlib.file_digest(f, 'sha256').hexdigest()
+  return sums
+
+
+def _step_folder(manager, step):
+  return pathlib.Path(manager.directory) / str(step)
+
+
+def verify(manager, step):
+  """Raises Damaged unless the files of checkpoint `step` match its sha256.json."""
+  folder = _step_folder(manager, step)
+  try:
+    expected = workdir_lib.read_json(folder / MANIFEST)
+  except (OSError, UserError):
+    raise Damaged(f'no readable {MANIFEST}') from None
+  actual = _sums(folder)
+  if actual != expected:
+    differ = sorted(name for name in expected.keys() | actual.keys()
+                    if expected.get(name) != actual.get(name))
+    raise Damaged(f'SHA-256 of {", ".join(differ[:3])} differs from {MANIFEST}')
 
 
 def managers(workdir, keep_latest):
   """(best, latest) checkpoint managers under workdir/checkpoints."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # 0.5 s: when a run starts
   root = pathlib.Path(workdir).absolute() / 'checkpoints'
   best = ocp.CheckpointManager(root / 'best', options=ocp.CheckpointManagerOptions(max_to_keep=1))
   latest = ocp.CheckpointManager(root / 'latest',
@@ -32,17 +72,28 @@ def _save(manager, step, args):
   if step in manager.all_steps():  # written before a crash, now redone
     manager.delete(step)
   manager.save(step, args=args, force=True)
+  manager.wait_until_finished()
+  workdir_lib.write_json(_step_folder(manager, step) / MANIFEST, _sums(_step_folder(manager, step)))
 
 
 def save_best(manager, epoch, state):
   """Saves params and batch-norm statistics as the best epoch."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _save(manager, epoch, ocp.args.StandardSave(
       {'params': state.params, 'batch_stats': state.batch_stats}))
 
 
 def restore_best(manager, state, epoch=None):
-  """`state` with params and batch-norm statistics of the best checkpoint."""
-  restored = manager.restore(epoch or manager.latest_step(), args=ocp.args.StandardRestore(
+  """`state` with params and batch-norm statistics of the best checkpoint; UserError when its
+  files fail their checksums."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  epoch = epoch or manager.latest_step()
+  try:
+    verify(manager, epoch)
+  except Damaged as e:
+    raise UserError(f'the best checkpoint {manager.directory}/{epoch} is damaged ({e}): remove '
+                    f'{manager.directory} and its run\'s metrics.json, then train again') from None
+  restored = manager.restore(epoch, args=ocp.args.StandardRestore(
       {'params': state.params, 'batch_stats': state.batch_stats}))
   return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 
@@ -54,6 +105,7 @@ def _without_empty(tree):
 
 def save_latest(manager, step, tree, loop):
   """Saves a pytree of arrays (train state, metric sums) and the loop's JSON position."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   _save(manager, step, ocp.args.Composite(
       state=ocp.args.StandardSave(_without_empty(tree)), loop=ocp.args.JsonSave(dict(loop, format=FORMAT))))
 
@@ -63,9 +115,11 @@ def restore_latest(manager, template):
 
   `template` is a pytree of the saved structure (its values are not used).
   """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   errors = []
   for step in sorted(manager.all_steps(), reverse=True):
     try:
+      verify(manager, step)
       loop = manager.restore(step, args=ocp.args.Composite(loop=ocp.args.JsonRestore())).loop
       if loop.get('format') != FORMAT:
         raise UserError(f'checkpoint {manager.directory}/{step} has format {loop.get("format")}, '
@@ -77,9 +131,10 @@ def restore_latest(manager, template):
     except UserError:
       raise
     except Exception as e:  # pylint: disable=broad-except  # any damage: fall back to an older one
-      errors.append(f'{step}: {type(e).__name__}')
-      print(f'warning: checkpoint {manager.directory}/{step} is unreadable '
-            f'({type(e).__name__}); trying the one before it', file=sys.stderr)
+      reason = str(e) if isinstance(e, Damaged) else type(e).__name__
+      errors.append(f'{step}: {reason}')
+      print(f'warning: checkpoint {manager.directory}/{step} is unreadable ({reason}); trying '
+            'the one before it', file=sys.stderr)
       continue
     return tree, loop
   if errors:

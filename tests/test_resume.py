@@ -94,3 +94,23 @@ def test_damaged_newest_checkpoint_falls_back_to_the_previous(make_config, tmp_p
   captured = capsys.readouterr()
   assert f'latest/{newest} is unreadable' in captured.err
   assert f'resuming at epoch 2, step {previous - STEPS_PER_EPOCH}' in captured.out
+
+
+def test_newest_checkpoint_with_a_flipped_bit_fails_its_checksum_and_the_previous_is_used(
+    make_config, tmp_path, capsys, sigterm_after, monkeypatch, reference):
+  config = small(make_config)
+  sigterm_after(STEPS_PER_EPOCH + 4)
+  with pytest.raises(UserError, match='stopped by SIGTERM'):
+    train.train_and_evaluate(config, tmp_path / 'run')
+  monkeypatch.undo()
+  *_, previous, newest = latest_steps(tmp_path / 'run')
+  state = tmp_path / 'run' / 'checkpoints' / 'latest' / str(newest) / 'state'
+  largest = max((f for f in state.rglob('*') if f.is_file()), key=lambda f: f.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 1
+  largest.write_bytes(bytes(data))
+  capsys.readouterr()
+  assert train.train_and_evaluate(config, tmp_path / 'run') == reference
+  captured = capsys.readouterr()
+  assert f'latest/{newest} is unreadable (SHA-256 of state/' in captured.err
+  assert f'resuming at epoch 2, step {previous - STEPS_PER_EPOCH}' in captured.out

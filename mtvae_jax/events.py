@@ -14,6 +14,8 @@ import jax
 from mtvae_jax import figures
 
 NUM_IMAGES = 8
+FILE_PREFIX = 'events.out.tfevents.'  # tensorboardX's name of an event file, then time and host
+SUFFIX = '.epoch'  # then the first epoch the file holds
 
 
 def reconstruction_grid(conds_fn, images, key):
@@ -37,17 +39,21 @@ class EventWriter:
   def __init__(self, workdir, grid=None, first_epoch=1, enabled=True):
     """grid: None, or state -> (H, W, C) image, e.g. `reconstruction_grid`.
 
-    TensorBoard drops the steps >= first_epoch that earlier event files in
-    `workdir` hold (a run resumed at first_epoch redoes them). With several
-    processes every one calls `write` (the image grid is a computation over
-    all devices), but only the one with `enabled` writes.
+    A run resumed at first_epoch redoes the epochs from there: the event files
+    of earlier runs that start at first_epoch or later are removed, and
+    TensorBoard drops the steps >= first_epoch of the others. The new file,
+    named for first_epoch, is made by the first `write`, so a run stopped
+    before finishing an epoch adds none. With several processes every one
+    calls `write` (the image grid is a computation over all devices), but only
+    the one with `enabled` writes.
     """
-    self._writer = None
+    self._writer, self._workdir, self._first_epoch = None, pathlib.Path(workdir), first_epoch
+    self._enabled, self._grid = enabled, grid
     if enabled:
-      # tensorboardX imports torch when that is installed: load it only when a run starts.
-      import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._writer = tensorboardX.SummaryWriter(str(pathlib.Path(workdir)), purge_step=first_epoch)
-    self._grid = grid
+      for path in self._workdir.glob(f'{FILE_PREFIX}*{SUFFIX}*'):
+        start = path.name.rsplit(SUFFIX, 1)[1]
+        if start.isdigit() and int(start) >= first_epoch:
+          path.unlink()
 
   def __enter__(self):
     return self
@@ -60,8 +66,13 @@ class EventWriter:
     """Scalars of `record` (one line of history.jsonl) and, at powers of two, the image grid."""
     epoch = record['epoch']
     grid = self._grid(state) if self._grid and epoch & (epoch - 1) == 0 else None
-    if not self._writer:
+    if not self._enabled:
       return
+    if not self._writer:
+      # tensorboardX imports torch when that is installed: load it only when a run writes.
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._writer = tensorboardX.SummaryWriter(str(self._workdir), purge_step=self._first_epoch,
+                                                filename_suffix=f'{SUFFIX}{self._first_epoch}')
     for name, value in record.items():
       if name != 'epoch':
         self._writer.add_scalar(name, value, epoch)

@@ -202,7 +202,8 @@ def _fit(task, config, workdir, summarize, num_workers):
   if writes:
     state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
     workdir_lib.init_workdir(config, workdir, resume,
-                             needed_bytes=state_bytes * (train_config.keep_checkpoints + 2))
+                             needed_bytes=(state_bytes + checkpoints.METADATA_BYTES)
+                             * (train_config.keep_checkpoints + 2))
   parallel.sync('workdir ready')
 
   train_fn = jax.jit(functools.partial(guarded_step, step_fn=task.train_step,
@@ -293,6 +294,9 @@ def _fit(task, config, workdir, summarize, num_workers):
     best_checkpoints.wait_until_finished()
     latest_checkpoints.wait_until_finished()
 
+  if not position['best_epoch']:
+    raise UserError(f'no epoch had a finite validation {task.objective}, so there is no best '
+                    f'checkpoint to test: lower train.learning_rate, or check the data')
   state = checkpoints.restore_best(best_checkpoints, state, position['best_epoch'])
   test_metrics = evaluate(eval_fn, state, test_data, batch_size, task.eval_key, num_workers,
                           task.eval_metrics)

@@ -7,6 +7,7 @@ import os
 import pytest
 
 from mtvae_jax import crossval
+from mtvae_jax import events
 from mtvae_jax import train
 from mtvae_jax import workdir
 from mtvae_jax.errors import UserError
@@ -52,11 +53,17 @@ def test_a_run_refused_for_disk_space_leaves_no_config(make_config, tmp_path, mo
   assert not (tmp_path / 'config.json').exists()
 
 
-def test_json_files_are_replaced_whole(tmp_path):
+def test_json_files_are_replaced_whole(tmp_path, monkeypatch):
   workdir.write_json(tmp_path / 'a.json', {'x': 1})
   workdir.write_json(tmp_path / 'a.json', {'x': 2})
   assert workdir.read_json(tmp_path / 'a.json') == {'x': 2}
   assert [p.name for p in tmp_path.iterdir()] == ['a.json']  # no temporary file left
+  def killed(*args):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(workdir.os, 'replace', killed)  # killed before the new content is in place
+  with pytest.raises(KeyboardInterrupt):
+    workdir.write_json(tmp_path / 'a.json', {'x': 3})
+  assert workdir.read_json(tmp_path / 'a.json') == {'x': 2}
 
 
 @pytest.mark.parametrize('content', ['', '{"model": "gauss', '\0\0\0', '\xff{'])
@@ -86,3 +93,15 @@ def test_a_damaged_crossval_summary_is_one_line(tmp_path):
   (tmp_path / 'crossval.json').write_text('{"config": ')
   with pytest.raises(UserError, match="crossval.json' is damaged"):
     crossval.report([tmp_path])
+
+
+def test_resumed_runs_keep_one_event_file_per_first_epoch(tmp_path):
+  def run(first_epoch, last_epoch):
+    with events.EventWriter(tmp_path, first_epoch=first_epoch) as writer:
+      for epoch in range(first_epoch, last_epoch + 1):
+        writer.write({'epoch': epoch, 'train/loss': 1.0}, state=None)
+  run(1, 2)
+  for _ in range(3):
+    run(3, 2)  # stopped before finishing epoch 3: no file
+    run(2, 3)  # epoch 2 redone: replaces the files that start at 2 or later
+  assert sorted(p.name.rsplit('.', 1)[1] for p in tmp_path.iterdir()) == ['epoch1', 'epoch2']

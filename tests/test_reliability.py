@@ -70,3 +70,14 @@ def test_full_disk_is_reported_before_training(make_config, tmp_path, monkeypatc
   with pytest.raises(UserError, match='0 MiB free'):
     train.train_and_evaluate(make_config('gaussian', 'none'), tmp_path)
   assert not (tmp_path / 'history.jsonl').exists()
+
+
+def test_skip_mode_with_no_finite_validation_loss_is_one_line_on_every_rerun(
+    make_config, tmp_path, monkeypatch):
+  load = data.load
+  monkeypatch.setattr(data, 'load', lambda data_config, seed: load(data_config, seed)._replace(
+      validation=np.full_like(load(data_config, seed).validation, np.nan)))
+  config = small(make_config, on_nonfinite='skip', num_epochs=1)
+  for _ in range(2):
+    with pytest.raises(UserError, match='no epoch had a finite validation loss'):
+      train.train_and_evaluate(config, tmp_path)

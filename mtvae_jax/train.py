@@ -22,6 +22,7 @@ from mtvae_jax import balancing
 from mtvae_jax import checkpoints
 from mtvae_jax import config as config_lib
 from mtvae_jax import data
+from mtvae_jax import diagnostics
 from mtvae_jax import events
 from mtvae_jax import loop
 from mtvae_jax import losses
@@ -91,12 +92,59 @@ def train_step(state, images, base_key, *, config):
 
 
 def eval_step(state, images, weights, key, *, config):
-  """Sums over the batch of each term, weighted by `weights` (B,) (0 for padding)."""
+  """Sums over the batch of each term, weighted by `weights` (B,) (0 for padding), and the
+  sums behind the diagnostics (`diagnostic_sums`)."""
   mask_key, z_key = jax.random.split(key)
   conds = methods.eval_conds(config, images, mask_key)
   terms, _ = loss_terms(state, state.params, images, conds, z_key, train=False)
   terms['loss'] = losses.weighted_sum(terms, dict(config.loss.weights))
-  return {name: jnp.sum(value * weights) for name, value in _metric_names(terms).items()}
+  sums = {name: jnp.sum(value * weights) for name, value in _metric_names(terms).items()}
+  return dict(sums, **diagnostic_sums(state, images, conds, z_key, weights, config=config))
+
+
+def diagnostic_sums(state, images, conds, z_key, weights, *, config):
+  """Sums over the batch, weighted by `weights` (B,), from which `diagnostic_metrics` computes
+  the diagnostics (diagnostics.py).
+
+  'code_counts' (K,) of a VQ-VAE's codes, or 'latent_sums' of a Gaussian VAE's
+  posterior means; with a conditioned decoder also 'z_use_errors', its errors
+  {'own', 'other'} given the z of eval_step's loss terms (same `z_key`) and
+  given another image's z.
+  """
+  apply = functools.partial(state.apply_fn,
+                            {'params': state.params, 'batch_stats': state.batch_stats})
+  if config.model == 'vq':
+    codes = apply(images, method='codes')
+    sums = {'code_counts': diagnostics.code_counts(codes, config.vq.num_embeddings, weights)}
+  else:
+    sums = {'latent_sums': diagnostics.latent_sums(apply(images, method='posterior_mean'),
+                                                   weights)}
+  # XLA merges the encoder passes and the decode with the own z with the loss terms' equal
+  # ones: the diagnostics add one decode, with the other z.
+  m = conds.get('recon_cond')
+  if m is not None:
+    z, _ = apply(images, z_key, train=False, method='encode')
+    errors = diagnostics.z_use_errors(lambda z, m: apply(z, m, method='decode'), z, m, images)
+    sums['z_use_errors'] = {name: jnp.sum(error * weights)
+                            for name, error in zip(('own', 'other'), errors)}
+  return sums
+
+
+def diagnostic_metrics(means):
+  """eval_step's sums averaged over a split -> the same metrics with the diagnostic sums
+  replaced by codebook_perplexity and codes_used (VQ-VAE) or active_units (Gaussian VAE), and
+  z_use (conditioned decoder)."""
+  means = dict(means)
+  if 'code_counts' in means:
+    counts = means.pop('code_counts')
+    means.update(codebook_perplexity=diagnostics.perplexity(counts),
+                 codes_used=diagnostics.codes_used(counts))
+  if 'latent_sums' in means:
+    means['active_units'] = diagnostics.active_units(means.pop('latent_sums'))
+  if 'z_use_errors' in means:
+    errors = means.pop('z_use_errors')
+    means['z_use'] = diagnostics.z_use(errors['own'], errors['other'])
+  return means
 
 
 def _metric_names(terms):
@@ -161,7 +209,8 @@ def train_and_evaluate(config, workdir) -> dict:
         f'{len(splits.validation)} validation, {len(splits.test)} test images')
   task = loop.Task(
       state=run.state, train_step=functools.partial(train_step, config=config),
-      eval_step=functools.partial(eval_step, config=config), splits=splits,
+      eval_step=functools.partial(eval_step, config=config),
+      eval_metrics=diagnostic_metrics, splits=splits,
       train_key=run.train_key, eval_key=run.eval_key, objective='loss',
       extras=lambda state: {'weights': state.balancing.weights},
       grid=events.reconstruction_grid(functools.partial(methods.eval_conds, config),

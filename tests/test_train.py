@@ -59,6 +59,15 @@ def test_train_and_evaluate_writes_outputs_and_keeps_best_epoch(make_config, tmp
   assert saved == pytest.approx(result)
   for key in ('loss', 'recon_loss', 'recon_cond_loss', 'vq_loss', 'best_epoch'):
     assert key in saved
+  # the diagnostics of the codebook and of the conditioned decoder's use of z
+  num_codes = config.vq.num_embeddings
+  assert 1 <= saved['codebook_perplexity'] <= num_codes
+  assert saved['codes_used'] in range(1, num_codes + 1)
+  assert saved['codebook_perplexity'] <= saved['codes_used']
+  assert np.isfinite(saved['z_use'])
+  for key in ('codebook_perplexity', 'codes_used', 'z_use'):
+    assert all(np.isfinite(h[f'val/{key}']) for h in history), key
+  assert not {'code_counts', 'z_use_errors', 'active_units'} & set(saved)
   assert json.loads((tmp_path / 'config.json').read_text())['method'] == 'multi'
   assert (tmp_path / 'checkpoints' / 'best' / str(result['best_epoch'])).is_dir()
 
@@ -69,11 +78,17 @@ def test_test_metrics_come_from_the_best_checkpoint(make_config, tmp_path):
   result = train.train_and_evaluate(config, tmp_path)
   run = train.load_run(tmp_path)  # restores the best checkpoint
   eval_fn = jax.jit(lambda s, x, w, k: train.eval_step(s, x, w, k, config=config))
-  val = loop.evaluate(eval_fn, run.state, run.splits.validation, config.train.batch_size,
-                      run.eval_key)
+  evaluate = lambda split: loop.evaluate(eval_fn, run.state, split, config.train.batch_size,
+                                         run.eval_key, finish=train.diagnostic_metrics)
+  val = evaluate(run.splits.validation)
   assert val['loss'] == pytest.approx(result['best_val_loss'], rel=1e-5)
-  test = loop.evaluate(eval_fn, run.state, run.splits.test, config.train.batch_size, run.eval_key)
-  assert test['loss'] == pytest.approx(result['loss'], rel=1e-5)
+  test = evaluate(run.splits.test)
+  assert test == pytest.approx({key: result[key] for key in test}, rel=1e-5)
+  # the number of active latent units, of the Gaussian VAE without conditioned decoder
+  assert result['active_units'] in range(config.gaussian.latent_dim + 1)
+  history = (tmp_path / 'history.jsonl').read_text().splitlines()
+  assert all('val/active_units' in json.loads(line) for line in history)
+  assert not {'latent_sums', 'z_use', 'codes_used'} & set(result)
 
 
 def test_load_run_refuses_an_unfinished_workdir(tmp_path):

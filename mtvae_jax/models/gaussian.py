@@ -66,3 +66,8 @@ class GaussianVAE(base.MultitaskAutoencoder):
     mean, log_var = self.encoder(layers.pad_to(x, *self.padded), train=train)
     z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape)
     return z, {'kl': losses.kl_divergence(mean, log_var)}
+
+  def posterior_mean(self, x):
+    """(B, H, W, C) images -> (B, latent_dim) means of q(z|x) (batch norm in inference mode)."""
+    mean, _ = self.encoder(layers.pad_to(x, *self.padded), train=False)
+    return mean

@@ -49,13 +49,16 @@ def configuration(config):
 
 
 def parameters(config):
-  """The 'Parameters' column: loss balancing and how the conditioning pixels are drawn."""
+  """The 'Parameters' column: loss balancing, how the conditioning pixels are drawn, and
+  'spatial m' where the conditioned decoder takes m spatially."""
   if not methods.of(config).conditioned:
     words = []
   elif config.mask.count == 'fixed':
     words = [config.mask.sampling, f'k={config.mask.num_pixels}']
   else:
     words = [config.mask.sampling, f'power law a={config.mask.power_law_exponent:g}']
+  if words and config.get('conditioning') == 'spatial':
+    words.append('spatial m')
   if config.loss.get('balancing') == 'softadapt':
     words.insert(0, 'SoftAdapt')
   return ', '.join(words) or '-'

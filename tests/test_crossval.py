@@ -54,6 +54,8 @@ def test_table_row_has_mean_plus_minus_std_and_dashes_for_missing_metrics():
     ('vq', 'single', {}, 'uniform, power law a=40'),
     ('vq', 'multi', {'loss.balancing': 'softadapt', 'mask.sampling': 'uniform'},
      'SoftAdapt, uniform, k=16'),
+    ('gaussian', 'multi', {'conditioning': 'spatial'}, 'exact, k=16, spatial m'),
+    ('gaussian', 'none', {'conditioning': 'spatial'}, '-'),
 ])
 def test_parameters_column_names_balancing_sampling_and_count(model, method, changes, expected):
   config = small_config(model, method)

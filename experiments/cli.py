@@ -11,9 +11,11 @@ import sys
 from absl import flags
 from absl import logging
 import jax
+import ml_collections
 from ml_collections import config_flags
 
 import mtvae_jax
+from mtvae_jax import config as config_lib
 
 CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, with an optional argument: configs/<name>.py:<data set>,<n>.')
@@ -59,10 +61,15 @@ def error_line(error, argv):
   if user_errors:  # the innermost is the config file's own; config_flags re-raises it with a traceback
     return str(user_errors[-1])
   if isinstance(error, (AttributeError, KeyError)):
-    missing = str(error).strip('"\'')
+    # ml_collections' KeyError (in an AttributeError) holds the key and, on a second line, a
+    # suggestion
+    error = next((e for e in _chain(error) if isinstance(e, KeyError)), error)
+    missing, *hint = str(error.args[0] if error.args else error).splitlines()
+    missing = missing.strip('"\' ')
     bad = [a.split('=')[0][2:] for a in argv
            if a.startswith('--config.') and missing in a.split('=')[0].split('.')]
-    return f"config key {', '.join(bad) or missing} does not exist (see the config file for the keys)"
+    return (f"config key {', '.join(bad) or missing} does not exist"
+            f"{': ' + hint[0].strip() if hint else ''} (--help lists the keys)")
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   if isinstance(error, OSError):
     return f'cannot load the config file: {lines[-1]}'
@@ -79,6 +86,9 @@ def flags_parser(program, *, config=REQUIRED, validate=None, workdir=None, usage
   that takes one or more.
   """
   def parse(argv):
+    if any(arg in ('-h', '--help', '--helpshort', '--helpfull') for arg in argv[1:]):
+      print_help()
+      sys.exit(0)
     if config not in (REQUIRED, REFUSED) and not any(
         arg == '--config' or arg.startswith('--config=') for arg in argv[1:]):
       argv = [argv[0], f'--config={config}', *argv[1:]]
@@ -90,11 +100,18 @@ def flags_parser(program, *, config=REQUIRED, validate=None, workdir=None, usage
         fail('--config is required, e.g. --config=configs/gauss_multi.py')
       if config != REFUSED:
         loaded = CONFIG.value
-        loaded.keys()  # a config file that failed to load raises here
+        if loaded is not None and not isinstance(loaded, dict):
+          loaded.keys()  # config_flags' stand-in for a config file that failed to load raises here
+        if not isinstance(loaded, ml_collections.ConfigDict):
+          fail(f'the config file --config={flags.FLAGS["config"].config_filename} made a '
+               f'{type(loaded).__name__}, not a ConfigDict: its get_config() must return '
+               'mtvae_jax.config.base_config(...)')
         if validate:
           validate(loaded)
     except (flags.Error, AttributeError, KeyError, OSError, ValueError) as e:
       fail(error_line(e, argv))
+    except Exception as e:  # pylint: disable=broad-except  # the config file's own code failed
+      fail(f'the config file failed to load: {type(e).__name__}: {e}')
     if workdir and not WORKDIR.value:
       fail(f'--workdir is required: {workdir}')
     if usage and len(rest) < 2:
@@ -102,6 +119,16 @@ def flags_parser(program, *, config=REQUIRED, validate=None, workdir=None, usage
     if not usage and len(rest) > 1:
       fail(f'unexpected arguments: {" ".join(rest[1:])}')
     return rest
+
+  def print_help():
+    print((sys.modules['__main__'].__doc__ or f'python -m {program}').strip() + '\n')
+    print(flags.FLAGS.main_module_help() or '')
+    print('\n'.join(f'  --{name}: {flags.FLAGS[name].help}' for name in ('config', 'workdir')
+                    if name in flags.FLAGS and (name != 'config' or config != REFUSED)))
+    if config != REFUSED:
+      print('\nconfig keys, set with --config.<key>=<value> (defaults of a gaussian multi run):')
+      for key, value in config_lib.flatten(config_lib.base_config('gaussian', 'multi')).items():
+        print(f'  {key}={value!r}')
 
   return parse
 

@@ -8,6 +8,8 @@ A rule is a pair (ok(value) -> bool, what is allowed); `check` applies a
 table {dotted key: rule} and names the first key whose value breaks its rule.
 """
 import functools
+import math
+import numbers
 import operator
 
 import ml_collections
@@ -38,6 +40,9 @@ DEFAULT_NUM_PIXELS = {'digits': 16, 'mnist': 49, 'fashion_mnist': 49, 'cifar10':
 FALLBACK_NUM_PIXELS = 49
 # What a non-finite loss does: stop training, or leave the batch out and count it.
 NONFINITE_ACTIONS = ('stop', 'skip')
+# The smallest mask.gaussian_std: there the masks are already the few centre pixels, and far
+# below it their weights underflow to zero.
+MIN_GAUSSIAN_STD = 0.01
 
 
 def base_config(model, method, arg=None):
@@ -131,7 +136,11 @@ def check(config, rules):
     value = lookup(config, key)
     if isinstance(value, ml_collections.ConfigDict):
       value = value.to_dict()
-    if not ok(value):
+    try:
+      good = ok(value)
+    except (TypeError, ValueError):  # a value of another type: a string, a tuple of strings...
+      good = False
+    if not good:
       raise UserError(f'config.{key}={value!r} is not allowed: {allowed}')
 
 
@@ -141,15 +150,24 @@ def one_of(choices):
   return (lambda value: value in choices), 'use one of ' + ', '.join(choices)
 
 
-def at_least(low, allowed):
-  """The rule: a value >= `low`; `allowed` says so to the user."""
-  return (lambda value: value >= low), allowed
+def is_integer(value):
+  """Whether `value` is an integer (not a bool)."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def at_least(low, allowed, integer=True):
+  """The rule: an integer (or with integer=False, a finite number) >= `low`; `allowed` says so
+  to the user."""
+  return (lambda value: (is_integer(value) if integer else math.isfinite(value))
+          and value >= low), allowed
 
 
 COUNT = at_least(1, 'use an integer >= 1')
 NATURAL = at_least(0, 'use an integer >= 0')
-NON_NEGATIVE = at_least(0, 'use a number >= 0')
-POSITIVE = (lambda value: value > 0), 'use a number > 0'
+NON_NEGATIVE = at_least(0, 'use a finite number >= 0', integer=False)
+POSITIVE = (lambda value: 0 < value < math.inf), 'use a finite number > 0'
+FINITE = (lambda value: math.isfinite(value)), 'use a finite number'
+SEED = (lambda value: is_integer(value) and 0 <= value < 2**32), 'use an integer from 0 to 2**32 - 1'
 FRACTION = (lambda value: 0 < value < 1), 'use a value in (0, 1)'
 
 
@@ -167,8 +185,9 @@ TRAIN_RULES = {
     'train.keep_checkpoints': COUNT,
     'train.weight_decay': NON_NEGATIVE,
 }
-HIDDEN_SIZES = ((lambda sizes: len(sizes) >= 1 and min(sizes) >= 1),
-                'use one or more positive channel counts')
+HIDDEN_SIZES = ((lambda sizes: isinstance(sizes, (tuple, list)) and len(sizes) >= 1
+                 and all(is_integer(size) and size >= 1 for size in sizes)),
+                'use a tuple of one or more positive integer channel counts, e.g. (32,64)')
 FAMILY_RULES = {  # the keys of config.gaussian and config.vq
     'gaussian': {'hidden_sizes': HIDDEN_SIZES, 'latent_dim': COUNT},
     'vq': {'hidden_sizes': HIDDEN_SIZES, 'num_embeddings': COUNT, 'embedding_dim': COUNT,
@@ -188,6 +207,7 @@ def validate(config):
   names = balancing.term_names(config.model, config.method)
   num_processes = config.distributed.num_processes
   check(config, {
+      'seed': SEED,
       'conditioning': one_of(models.CONDITIONINGS),
       'data.name': one_of(data.DATASETS),
       'mask.sampling': one_of((*masks.SAMPLINGS, masks.MIXTURE)),
@@ -196,7 +216,9 @@ def validate(config):
       'mask.mixture.sampling_weights': _mixture_weights(masks.SAMPLINGS),
       'mask.mixture.count_weights': _mixture_weights(masks.COUNTS),
       'mask.power_law_exponent': POSITIVE,
-      'mask.gaussian_std': POSITIVE,
+      'mask.gaussian_std': at_least(
+          MIN_GAUSSIAN_STD, f'use a number >= {MIN_GAUSSIAN_STD} (a fraction of the image side)',
+          integer=False),
       'mask.num_pixels': at_least(0, 'use a count from 0 to the number of pixels of an image'),
       'data.validation_fraction': FRACTION,
       'data.test_fraction': FRACTION,
@@ -214,6 +236,7 @@ def validate(config):
       'loss.softadapt.update_every': COUNT,
       'loss.softadapt.window': COUNT,
       'loss.softadapt.total': POSITIVE,
+      'loss.softadapt.beta': FINITE,
       'distributed.num_processes': at_least(0, 'use an integer >= 1, or 0 for the environment'),
       'distributed.process_id': (
           lambda value: -1 <= value and (value < num_processes or num_processes == 0),

@@ -121,7 +121,8 @@ def generate_arrays(run, draw, num=16, *, pixels=None, sampling=None, temperatur
   """
   height, width, _ = run.splits.test.shape[1:]
   _check(num >= 1, 'num', num, 'use an integer >= 1')
-  _check(temperature > 0, 'temperature', temperature, 'use a number > 0')
+  _check(0 < temperature < math.inf, 'temperature', temperature, 'use a finite number > 0')
+  _check(0 <= seed < 2**32, 'seed', seed, 'use an integer from 0 to 2**32 - 1')
   _check(sampling in (None, *masks.SAMPLINGS), 'sampling', sampling,
          'use one of ' + ', '.join(masks.SAMPLINGS))
   _check(pixels is None or 0 <= pixels <= height * width, 'pixels', pixels,

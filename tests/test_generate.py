@@ -140,7 +140,7 @@ def test_gaussian_samples_come_from_decoder_one_and_refuse_given_pixels():
     (dict(num=0), 'num=0 is not allowed: use an integer >= 1'),
     (dict(pixels=65), 'pixels=65 is not allowed: use a count from 0 to 64'),
     (dict(sampling='poisson'), "sampling='poisson' is not allowed: use one of exact, uniform"),
-    (dict(temperature=0.0), 'temperature=0.0 is not allowed: use a number > 0'),
+    (dict(temperature=0.0), 'temperature=0.0 is not allowed: use a finite number > 0'),
     (dict(image=180), 'image=180 is not allowed: use a test image index from 0 to 179'),
 ])
 def test_bad_arguments_raise_one_line_user_errors(vq_run, kwargs, message):

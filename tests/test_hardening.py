@@ -2,12 +2,19 @@
 JSON files."""
 import collections
 import json
+import math
 import os
+import re
+import types
 
+import numpy as np
 import pytest
 
+from conftest import run_main
+from mtvae_jax import config as config_lib
 from mtvae_jax import crossval
 from mtvae_jax import events
+from mtvae_jax import generate
 from mtvae_jax import train
 from mtvae_jax import workdir
 from mtvae_jax.errors import UserError
@@ -105,3 +112,42 @@ def test_resumed_runs_keep_one_event_file_per_first_epoch(tmp_path):
     run(3, 2)  # stopped before finishing epoch 3: no file
     run(2, 3)  # epoch 2 redone: replaces the files that start at 2 or later
   assert sorted(p.name.rsplit('.', 1)[1] for p in tmp_path.iterdir()) == ['epoch1', 'epoch2']
+
+
+@pytest.mark.parametrize('key, value', [
+    ('gaussian.hidden_sizes', ('abc',)), ('gaussian.hidden_sizes', ('a', 'b')),
+    ('gaussian.hidden_sizes', (8.5, 16)), ('gaussian.hidden_sizes', ()), ('seed', -5),
+    ('seed', 99999999999999999999), ('loss.softadapt.beta', math.nan),
+    ('loss.softadapt.total', math.inf), ('mask.gaussian_std', 1e-30),
+    ('loss.weights.kl', math.nan)])
+def test_values_of_the_wrong_type_or_range_are_one_line(make_config, key, value):
+  config = make_config('gaussian', 'multi')
+  with config.unlocked():
+    section, _, name = key.rpartition('.')
+    setattr(config_lib.lookup(config, section) if section else config, name, value)
+  with pytest.raises(UserError, match=rf'^config\.{re.escape(key)}=.* is not allowed: use'):
+    config_lib.validate(config)
+
+
+@pytest.mark.parametrize('arguments, allowed', [
+    (dict(temperature=math.inf), 'use a finite number > 0'),
+    (dict(seed=99999999999999999999), 'use an integer from 0 to 2\\*\\*32 - 1')])
+def test_generate_refuses_an_infinite_temperature_or_a_huge_seed(arguments, allowed):
+  run = types.SimpleNamespace(splits=types.SimpleNamespace(test=np.zeros((2, 8, 8, 1))))
+  with pytest.raises(UserError, match=f'is not allowed: {allowed}'):
+    generate.generate_arrays(run, draw=None, **arguments)
+
+
+def test_help_and_config_file_mistakes_on_the_command_line(tmp_path):
+  shown = run_main('--help')
+  assert shown.returncode == 0 and 'train.num_epochs=' in shown.stdout, shown.stderr
+  (tmp_path / 'raises.py').write_text('raise RuntimeError("boom")\n')
+  (tmp_path / 'none.py').write_text('def get_config():\n  return None\n')
+  for args, error in [
+      ([f'--config={tmp_path / "raises.py"}'], 'the config file failed to load: RuntimeError: boom'),
+      ([f'--config={tmp_path / "none.py"}'], 'made a NoneType, not a ConfigDict'),
+      (['--config=configs/gauss_multi.py', '--config.train.num_epoch=3'],
+       'config key config.train.num_epoch does not exist: Did you mean "num_epochs"')]:
+    result = run_main(*args)
+    last = result.stderr.splitlines()[-1]
+    assert result.returncode == 2 and last.startswith('error: ') and error in last, result.stderr

@@ -175,8 +175,12 @@ def _batch_spec(images, batch_size):
   return jax.ShapeDtypeStruct((batch_size, *images.shape[1:]), dtype)
 
 
-def _format(metrics):
-  return ' '.join(f'{name}={value:.4g}' for name, value in metrics.items())
+def format_metrics(metrics):
+  """One line of {name: number}: 'loss', then the other losses, then the rest, each by name;
+  floats with 4 significant digits."""
+  order = sorted(metrics, key=lambda name: (name != 'loss', not name.endswith('loss'), name))
+  return ' '.join(f'{name}={metrics[name]:.4g}' if isinstance(metrics[name], float)
+                  else f'{name}={metrics[name]}' for name in order)
 
 
 def fit(task, config, workdir, summarize, num_workers=0) -> dict:
@@ -287,8 +291,9 @@ def _fit(task, config, workdir, summarize, num_workers):
           checkpoints.save_best(best_checkpoints, epoch, state)
         sums = zero_sums()
         save_latest(epoch + 1, 0)
-        print(f'epoch {epoch}: train {_format(train_metrics)} | val {_format(val_metrics)} | '
-              + ''.join(f'{group} {_format(values)} | ' for group, values in extras.items())
+        print(f'epoch {epoch}: train {format_metrics(train_metrics)} | '
+              f'val {format_metrics(val_metrics)} | '
+              + ''.join(f'{group} {format_metrics(values)} | ' for group, values in extras.items())
               + f'{record["images_per_s"]:.0f} images/s', flush=True)
   finally:  # an exception must not lose a checkpoint still being written
     best_checkpoints.wait_until_finished()
@@ -300,7 +305,7 @@ def _fit(task, config, workdir, summarize, num_workers):
   state = checkpoints.restore_best(best_checkpoints, state, position['best_epoch'])
   test_metrics = evaluate(eval_fn, state, test_data, batch_size, task.eval_key, num_workers,
                           task.eval_metrics)
-  print(f'test (best epoch {position["best_epoch"]}): {_format(test_metrics)}')
+  print(f'test (best epoch {position["best_epoch"]}): {format_metrics(test_metrics)}')
   result = summarize(test_metrics, position['best_epoch'], position['best_loss'])
   if writes:
     workdir_lib.write_json(workdir / workdir_lib.METRICS, result)

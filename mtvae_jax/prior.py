@@ -170,7 +170,8 @@ def train_prior(config, workdir) -> dict:
   prior_dir = pathlib.Path(workdir).absolute() / PRIOR_DIR
   finished = workdir_lib.finished_run(config, prior_dir)
   if finished is not None:
-    print(f'{prior_dir} holds a finished prior of this config; its metrics.json is kept.')
+    print(f'{prior_dir} holds a finished prior of this config; its metrics.json is kept: '
+          f'{loop.format_metrics(finished)}')
     return finished
   run = load_vq_run(workdir)
   config_lib.check(config, {'train.batch_size': config_lib.batch_fits(len(run.splits.train))})

@@ -199,7 +199,8 @@ def train_and_evaluate(config, workdir) -> dict:
   config_lib.validate(config)
   finished = workdir_lib.finished_run(config, workdir)
   if finished is not None:
-    print(f'{workdir} holds a finished run of this config; its metrics.json is kept.')
+    print(f'{workdir} holds a finished run of this config; its metrics.json is kept: '
+          f'{loop.format_metrics(finished)}')
     return finished
   run = setup(config)  # loads the data and checks the keys that depend on it
   splits = run.splits

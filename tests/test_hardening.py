@@ -15,6 +15,7 @@ from mtvae_jax import config as config_lib
 from mtvae_jax import crossval
 from mtvae_jax import events
 from mtvae_jax import generate
+from mtvae_jax import loop
 from mtvae_jax import train
 from mtvae_jax import workdir
 from mtvae_jax.errors import UserError
@@ -151,3 +152,14 @@ def test_help_and_config_file_mistakes_on_the_command_line(tmp_path):
     result = run_main(*args)
     last = result.stderr.splitlines()[-1]
     assert result.returncode == 2 and last.startswith('error: ') and error in last, result.stderr
+
+
+def test_metrics_lines_put_the_losses_first_and_a_finished_run_shows_its_metrics(
+    make_config, tmp_path, capsys):
+  assert loop.format_metrics({'a': 1.0, 'recon_loss': 0.123456, 'loss': 2.0, 'kl_loss': 3.0}) == (
+      'loss=2 kl_loss=3 recon_loss=0.1235 a=1')
+  config = make_config('gaussian', 'none')
+  (tmp_path / 'config.json').write_text(config.to_json_best_effort())
+  (tmp_path / 'metrics.json').write_text('{"recon_loss": 0.25, "loss": 0.5, "best_epoch": 2}')
+  train.train_and_evaluate(config, tmp_path)
+  assert 'metrics.json is kept: loss=0.5 recon_loss=0.25 best_epoch=2' in capsys.readouterr().out

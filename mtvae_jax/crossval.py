@@ -129,7 +129,15 @@ def cross_validate(config, workdir, num_folds):
 
 def report(directories, out=None):
   """The table of the directories' crossval.json, written to `out` too when given."""
-  table = markdown_table([load_summary(d) for d in directories])
+  summaries = [load_summary(d) for d in directories]
+  for directory, summary in zip(directories, summaries):
+    try:
+      table_row(summary)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+      raise UserError(f"'{pathlib.Path(directory) / SUMMARY}' is damaged ({type(e).__name__}: "
+                      f'{e}): rerun python -m experiments.crossval on {directory} to write it '
+                      'again') from None
+  table = markdown_table(summaries)
   if out:
     try:
       workdir_lib.write_text(out, table)

@@ -97,8 +97,9 @@ def test_a_torn_last_history_line_is_dropped_and_other_damage_named(tmp_path):
     workdir.read_history(tmp_path)
 
 
-def test_a_damaged_crossval_summary_is_one_line(tmp_path):
-  (tmp_path / 'crossval.json').write_text('{"config": ')
+@pytest.mark.parametrize('content', ['{"config": ', '[]', '{"description": {}}', '3'])
+def test_a_damaged_crossval_summary_is_one_line(tmp_path, content):
+  (tmp_path / 'crossval.json').write_text(content)
   with pytest.raises(UserError, match="crossval.json' is damaged"):
     crossval.report([tmp_path])
 

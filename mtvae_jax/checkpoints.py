@@ -35,8 +35,11 @@ def _sums(folder):
   sums = {}
   for path in sorted(folder.rglob('*')):
     if path.is_file() and path.name != MANIFEST:
+      digest = hashlib.sha256()
       with open(path, 'rb') as f:
-        sums[str(path.relative_to(folder))] = hashlib.file_digest(f, 'sha256').hexdigest()
+        for block in iter(lambda: f.read(2**20), b''):  # hashlib.file_digest needs Python 3.11
+          digest.update(block)
+      sums[str(path.relative_to(folder))] = digest.hexdigest()
   return sums
 
 
@@ -51,6 +54,8 @@ def verify(manager, step):
     expected = workdir_lib.read_json(folder / MANIFEST)
   except (OSError, UserError):
     raise Damaged(f'no readable {MANIFEST}') from None
+  if not isinstance(expected, dict):
+    raise Damaged(f'{MANIFEST} holds no table of sums')
   actual = _sums(folder)
   if actual != expected:
     differ = sorted(name for name in expected.keys() | actual.keys()

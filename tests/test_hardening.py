@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import run_main
+from mtvae_jax import checkpoints
 from mtvae_jax import config as config_lib
 from mtvae_jax import crossval
 from mtvae_jax import events
@@ -164,3 +165,17 @@ def test_metrics_lines_put_the_losses_first_and_a_finished_run_shows_its_metrics
   (tmp_path / 'metrics.json').write_text('{"recon_loss": 0.25, "loss": 0.5, "best_epoch": 2}')
   train.train_and_evaluate(config, tmp_path)
   assert 'metrics.json is kept: loss=0.5 recon_loss=0.25 best_epoch=2' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('manifest', [None, '', '[]', '{"state/x": "0"}'])
+def test_a_checkpoint_without_a_valid_manifest_counts_as_damaged(tmp_path, manifest):
+  best, _ = checkpoints.managers(tmp_path, 1)
+  state = types.SimpleNamespace(params={'w': np.ones(3, np.float32)}, batch_stats={})
+  state.replace = lambda **changes: types.SimpleNamespace(**changes)
+  checkpoints.save_best(best, 1, state)
+  assert checkpoints.restore_best(best, state, 1).params['w'].tolist() == [1, 1, 1]
+  path = tmp_path / 'checkpoints' / 'best' / '1' / checkpoints.MANIFEST
+  path.unlink() if manifest is None else path.write_text(manifest)
+  with pytest.raises(UserError, match=r'best checkpoint .*/1 is damaged \((no readable|'
+                     r'sha256.json holds no|SHA-256 of)'):
+    checkpoints.restore_best(best, state, 1)

@@ -18,6 +18,7 @@ import numpy as np
 
 from mtvae_jax import crossval
 from mtvae_jax import stats
+from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.models import REGULARIZER
 
 METHOD_NAMES = {'none': '-', 'multi': 'Multi decoder', 'single': 'Single decoder'}
@@ -90,15 +91,14 @@ def comparisons(rows):
 
 def fold_metrics(row_dir):
   """{fold index: metrics.json} of the finished folds in `row_dir`."""
-  return {int(path.parent.name.split('_')[1]): json.loads(path.read_text())
+  return {int(path.parent.name.split('_')[1]): workdir_lib.read_json(path)
           for path in sorted(pathlib.Path(row_dir).glob('fold_*/metrics.json'))}
 
 
 def fold_histories(row_dir, folds):
   """{fold: [history record, ...]} of the given folds of `row_dir`."""
-  return {fold: [json.loads(line) for line in
-                 (pathlib.Path(row_dir) / f'fold_{fold}' / 'history.jsonl').read_text().splitlines()
-                 if line.strip()] for fold in folds}
+  return {fold: workdir_lib.read_history(pathlib.Path(row_dir) / f'fold_{fold}')
+          for fold in folds}
 
 
 def parameters_text(fields):

@@ -17,6 +17,7 @@ from mtvae_jax import crossval
 from mtvae_jax import events
 from mtvae_jax import generate
 from mtvae_jax import loop
+from mtvae_jax import thesis_report
 from mtvae_jax import train
 from mtvae_jax import workdir
 from mtvae_jax.errors import UserError
@@ -179,3 +180,12 @@ def test_a_checkpoint_without_a_valid_manifest_counts_as_damaged(tmp_path, manif
   with pytest.raises(UserError, match=r'best checkpoint .*/1 is damaged \((no readable|'
                      r'sha256.json holds no|SHA-256 of)'):
     checkpoints.restore_best(best, state, 1)
+
+
+def test_the_thesis_report_reads_fold_files_as_the_runs_do(tmp_path):
+  (tmp_path / 'fold_0').mkdir()
+  (tmp_path / 'fold_0' / 'history.jsonl').write_text('{"epoch": 1}\n{"epo')
+  assert thesis_report.fold_histories(tmp_path, [0]) == {0: [{'epoch': 1}]}
+  (tmp_path / 'fold_0' / 'metrics.json').write_text('')
+  with pytest.raises(UserError, match="metrics.json' is damaged"):
+    thesis_report.fold_metrics(tmp_path)

@@ -47,9 +47,17 @@ def _step_folder(manager, step):
   return pathlib.Path(manager.directory) / str(step)
 
 
-def verify(manager, step):
-  """Raises Damaged unless the files of checkpoint `step` match its sha256.json."""
+def verify(manager, step, unsummed_ok=False):
+  """Raises Damaged unless the files of checkpoint `step` match its sha256.json.
+
+  unsummed_ok: a checkpoint without sha256.json passes unverified. orbax
+  renames a checkpoint into place only once it is complete, so such a one is
+  whole: written by an older version, or by a process killed before it wrote
+  the sums.
+  """
   folder = _step_folder(manager, step)
+  if unsummed_ok and not (folder / MANIFEST).exists():
+    return
   try:
     expected = workdir_lib.read_json(folder / MANIFEST)
   except (OSError, UserError):
@@ -94,7 +102,7 @@ def restore_best(manager, state, epoch=None):
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   epoch = epoch or manager.latest_step()
   try:
-    verify(manager, epoch)
+    verify(manager, epoch, unsummed_ok=True)  # the only best checkpoint: nothing to fall back to
   except Damaged as e:
     raise UserError(f'the best checkpoint {manager.directory}/{epoch} is damaged ({e}): remove '
                     f'{manager.directory} and its run\'s metrics.json, then train again') from None

@@ -13,6 +13,7 @@ import tempfile
 import jax
 import pytest
 
+from experiments import cli
 from mtvae_jax import config as config_lib
 from mtvae_jax.data import pipeline
 
@@ -116,15 +117,19 @@ def device_env(devices=None):
 
 
 def pytest_configure(config):
-  """One persistent compilation cache for the whole session, its workers and subprocesses.
+  """The command lines' JAX setup, and one persistent compilation cache for the whole session,
+  its workers and subprocesses.
 
-  Many tests compile the same small programs; each compiles once per session.
-  The controller makes the folder before xdist starts its workers, which
-  inherit the environment; it is removed at the end. A JAX_COMPILATION_CACHE_DIR
-  set by the user is kept (and not removed).
+  With the setup of experiments.cli (XLA_FLAGS among it), a run in a test
+  computes the same numbers as the same run from the command line. Many tests
+  compile the same small programs; each compiles once per session. The
+  controller makes the folder before xdist starts its workers, which inherit
+  the environment; it is removed at the end. A JAX_COMPILATION_CACHE_DIR set
+  by the user is kept (and not removed).
   """
   if hasattr(config, 'workerinput'):
     return
+  cli.configure_jax()
   # XLA cannot cache programs that hold oneDNN calls (models/onednn.py): the tests that check
   # those turn them on themselves, the rest run XLA's convolutions and share the cache.
   os.environ.setdefault('MTVAE_JAX_ONEDNN', '0')

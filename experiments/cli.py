@@ -5,14 +5,12 @@ ends the program with one line `error: ...` on stderr and exit status 2: the
 library raises mtvae_jax.UserError, and `run` or the flags parser prints it.
 Each entry point calls `configure_jax` first thing in its main function.
 """
-import os
 import pathlib
 import sys
 
 from absl import flags
 from absl import logging
 import jax
-import jaxlib.version
 import ml_collections
 from ml_collections import config_flags
 
@@ -29,9 +27,6 @@ REQUIRED, REFUSED = 'required', 'refused'
 FINISHED_RUN = 'the folder of a finished run of experiments.main'
 # Compiled programs persist here unless JAX_COMPILATION_CACHE_DIR names another folder.
 COMPILATION_CACHE = pathlib.Path.home() / '.cache' / 'mtvae_jax' / 'jax'
-# XLA:CPU runs convolutions with Eigen instead of YNNPACK, whose convolution gradients are slow
-# (BENCHMARKS.md). No effect on other platforms; a value of the user's own in XLA_FLAGS wins.
-CPU_CONVOLUTION_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 
 
 def configure_jax():
@@ -44,10 +39,6 @@ def configure_jax():
   is set here too, as the first computation starts the backend.
   """
   logging.set_verbosity(logging.WARNING)
-  xla_flags = os.environ.get('XLA_FLAGS', '')
-  if (CPU_CONVOLUTION_FLAG.split('=')[0] not in xla_flags
-      and jaxlib.version.__version_info__ >= (0, 10)):  # older XLA aborts on the unknown flag
-    os.environ['XLA_FLAGS'] = f'{xla_flags} {CPU_CONVOLUTION_FLAG}'.strip()
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', str(COMPILATION_CACHE))
 

@@ -130,9 +130,6 @@ def pytest_configure(config):
   if hasattr(config, 'workerinput'):
     return
   cli.configure_jax()
-  # XLA cannot cache programs that hold oneDNN calls (models/onednn.py): the tests that check
-  # those turn them on themselves, the rest run XLA's convolutions and share the cache.
-  os.environ.setdefault('MTVAE_JAX_ONEDNN', '0')
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
     return
   config.jax_cache_dir = tempfile.mkdtemp(prefix='mtvae_jax_test_compile_cache_')

@@ -12,9 +12,9 @@ alternate and each figure is the median over --steps, so a load that comes
 and goes hits both alike. Also reported: the JAX step's compile time from an
 empty persistent compilation cache (cold) and from a filled one (cached), and
 the peak host memory of each framework's step. The JAX step runs with the
-XLA_FLAGS that `import mtvae_jax` sets (its CPU convolution flag; the first
-line of output shows them). Mistakes in flags end the program with one line and exit
-status 2.
+XLA_FLAGS that cli.configure_jax sets, as the training command lines do (the
+first line of output shows them). Mistakes in flags end the program with one
+line and exit status 2.
 """
 import ctypes
 import ctypes.util
@@ -30,10 +30,9 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
-from experiments import cli  # fail()
+from experiments import cli
 import mtvae_jax
 from mtvae_jax import config as config_lib
 from mtvae_jax import loop
@@ -224,7 +223,7 @@ def parse_flags(argv):
 
 def main(argv):
   del argv
-  logging.set_verbosity(logging.WARNING)
+  cli.configure_jax()
   try:
     names = select(_CASES.value)
   except mtvae_jax.UserError as e:

@@ -69,7 +69,11 @@ def test_spatial_conditioning_changes_the_output_near_a_changed_pixel_more_than_
   assert near > 0 and near > 10 * far, (near, far)
 
 
-@pytest.mark.parametrize('model_name', ['gaussian', 'vq'])
+@pytest.mark.parametrize('model_name', [
+    pytest.param('gaussian', marks=pytest.mark.xfail(
+        strict=True, reason="the Gaussian decoder's layers.conv_up and conv_same are custom_vjp "
+        'functions, which have no forward-mode derivative')),
+    'vq'])
 def test_forward_mode_derivatives_pass_through_the_spatial_conditioned_decoder(
     model_name, make_config):
   shape = (9, 7, 3)

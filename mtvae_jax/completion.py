@@ -1,0 +1,416 @@
+"""Completing images from a few observed pixels, with the uncertainty of the completion.
+
+For an image x observed where the mask M is 1, with m = concat(M, M x), a
+run's decoder f gives the observation model
+
+  x | z, m  ~  N(f(z, m), s^2),  s = s_obs at observed pixels, s_hid at hidden ones,
+
+where f is the conditioned decoder (methods multi, single) or decoder 1 without
+m (method none). Latents z come from
+
+  prior:      z ~ p(z), ignoring what the observed pixels say about z;
+  posterior:  z ~ p(z | x_obs) ∝ p(z) N(x_obs; f(z, m)_obs, s_obs^2), in two stages:
+              importance resampling (proposals from p(z) weighted by the
+              likelihood), then MCMC moves that leave the posterior invariant:
+                Gaussian runs: MALA (Langevin proposals with a Metropolis test),
+                  the step size tuned per image towards an acceptance rate of
+                  0.574 during the first half of the steps;
+                VQ runs: single-site Metropolis-Hastings in raster order, each
+                  code proposed from its PixelCNN conditional given the codes
+                  before it. The proposals are a pool of PixelCNN prior samples
+                  drawn once per run (completion/prior_codes.json).
+
+Predictive samples are clip(f(z, m) + s eps, 0, 1) (the data's range); the
+mean is the average of f(z, m) over the latent samples (the noise averages
+out) and std = sqrt(var of f(z, m) + s^2). s_obs and s_hid are the root mean
+squared residuals of the decoder on the observed and hidden pixels of
+validation images, given the encoder's z and masks from the run's own mask
+distribution (completion/noise.json).
+
+Everything per image is vmapped over images and jitted; images are completed
+in chunks of one shape, so each setting compiles once.
+"""
+import functools
+import pathlib
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtvae_jax import loop
+from mtvae_jax import masks
+from mtvae_jax import prior
+from mtvae_jax import train
+from mtvae_jax import workdir as workdir_lib
+from mtvae_jax.errors import UserError
+
+METHODS = ('posterior', 'prior')
+VALUE_RANGE = (0.0, 1.0)    # the data loaders' range, and the decoders' (a sigmoid)
+CACHE_DIR = 'completion'
+NOISE_IMAGES = 2048          # validation images behind the noise scales
+POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
+TARGET_ACCEPTANCE = 0.574    # MALA's optimal acceptance rate (Roberts and Rosenthal, 1998)
+ADAPTATION_RATE = 2.0        # change of log step size per step, per unit of acceptance error
+
+
+class Settings(NamedTuple):
+  """Sampler sizes: prior proposals per image (Gaussian; a VQ run uses its pool), MCMC steps."""
+  num_proposals: int = 256
+  num_steps: int = 16
+
+
+class Family(NamedTuple):
+  """What the samplers need of a model family; `data` holds its arrays (jit arguments).
+
+  decode(variables, z (n, ...), m (n, H, W, 1 + C) or None) -> (n, H, W, C);
+  prior(data, key, n) -> z (n, ...);
+  refine(data, key, z, log_likelihood, num_steps) -> z, MCMC moves targeting
+  p(z) exp(log_likelihood(z)).
+  """
+  decode: Callable
+  prior: Callable
+  refine: Callable
+  data: Any
+
+
+class Completer(NamedTuple):
+  """A loaded run, ready to complete images: see `completer`."""
+  run: train.Run
+  family: Family
+  noise: dict      # {'observed': s_obs, 'hidden': s_hid}
+  functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
+
+
+# Gaussian runs.
+
+def _decode(module, z, m):
+  return module.decode(z, m)
+
+
+def mala(key, z, log_target, num_steps, step_size=1e-2):
+  """num_steps MALA steps of the chains z (S, d) targeting exp(log_target), (S, d) -> (S,).
+
+  Proposal z' = z + e grad + sqrt(2 e) xi, accepted with the Metropolis-Hastings
+  probability; log e moves by ADAPTATION_RATE * (acceptance - TARGET_ACCEPTANCE)
+  (averaged over the chains) in the first half of the steps and is then fixed.
+  """
+  def summed(z):
+    values = log_target(z)
+    return jnp.sum(values), values
+
+  grad_fn = jax.grad(summed, has_aux=True)  # z -> (each chain's gradient, log_target(z))
+
+  def log_q(to, start, grad, eps):
+    return -jnp.sum(jnp.square(to - start - eps * grad), axis=-1) / (4.0 * eps)
+
+  def step(carry, inputs):
+    z, value, grad, log_eps = carry
+    index, key = inputs
+    eps = jnp.exp(log_eps)
+    noise_key, accept_key = jax.random.split(key)
+    proposal = z + eps * grad + jnp.sqrt(2.0 * eps) * jax.random.normal(noise_key, z.shape)
+    proposal_grad, proposal_value = grad_fn(proposal)
+    log_alpha = (proposal_value + log_q(z, proposal, proposal_grad, eps)
+                 - value - log_q(proposal, z, grad, eps))
+    log_alpha = jnp.nan_to_num(log_alpha, nan=-jnp.inf)
+    accept = jnp.log(jax.random.uniform(accept_key, value.shape)) < log_alpha
+    rate = jnp.mean(jnp.exp(jnp.minimum(log_alpha, 0.0)))
+    log_eps = jnp.where(index < num_steps // 2,
+                        log_eps + ADAPTATION_RATE * (rate - TARGET_ACCEPTANCE), log_eps)
+    pick = lambda new, old: jnp.where(accept.reshape(-1, *[1] * (new.ndim - 1)), new, old)
+    return (pick(proposal, z), pick(proposal_value, value), pick(proposal_grad, grad),
+            log_eps), None
+
+  grad, value = grad_fn(z)
+  carry = (z, value, grad, jnp.log(step_size))
+  (z, *_), _ = jax.lax.scan(step, carry, (jnp.arange(num_steps), jax.random.split(key, num_steps)))
+  return z
+
+
+def gaussian_family(run):
+  latent_dim = run.config.gaussian.latent_dim
+
+  def refine(data, key, z, log_likelihood, num_steps):
+    del data
+    return mala(key, z, lambda z: log_likelihood(z) - 0.5 * jnp.sum(jnp.square(z), axis=-1),
+                num_steps)
+
+  return Family(
+      decode=lambda variables, z, m: run.model.apply(variables, z, m, method=_decode),
+      prior=lambda data, key, n: jax.random.normal(key, (n, latent_dim)),
+      refine=refine, data=None)
+
+
+# VQ runs.
+
+def _decode_codes(module, codes, m):
+  return module.decode(module.lookup(codes), m)
+
+
+def code_log_probs(logits, codes):
+  """Logits (S, h, w, K) and codes (S, h, w) -> (S, h, w) log p(c_i | codes before i)."""
+  log_p = jax.nn.log_softmax(logits)
+  return jnp.take_along_axis(log_p, codes[..., None], axis=-1)[..., 0]
+
+
+def code_mh(key, codes, logits_fn, log_likelihood, num_steps):
+  """num_steps single-site Metropolis-Hastings moves of the chains `codes` (S, h, w).
+
+  Target: p(c) exp(log_likelihood(c)), p the PixelCNN (`logits_fn`: codes ->
+  (S, h, w, K) logits of each code given those before it). Step t revisits
+  position t mod (h w) in raster order and proposes its code from p(c_i | c_<i),
+  which the move leaves unchanged; the prior's ratio then reduces to the
+  conditionals of the later codes.
+  """
+  _, height, width = codes.shape
+
+  def step(carry, inputs):
+    codes, logits, log_prior, log_lik = carry
+    index, key = inputs
+    row, col = (index // width) % height, index % width
+    propose_key, accept_key = jax.random.split(key)
+    here = logits[:, row, col]
+    new = jax.random.categorical(propose_key, here).astype(codes.dtype)
+    proposal = codes.at[:, row, col].set(new)
+    proposal_logits = logits_fn(proposal)
+    proposal_log_prior = jnp.sum(code_log_probs(proposal_logits, proposal), axis=(1, 2))
+    proposal_log_lik = log_likelihood(proposal)
+    log_q = jax.nn.log_softmax(here)
+    pick_q = lambda c: jnp.take_along_axis(log_q, c[:, None], axis=-1)[:, 0]
+    log_alpha = (proposal_log_prior - log_prior - pick_q(new) + pick_q(codes[:, row, col])
+                 + proposal_log_lik - log_lik)
+    accept = jnp.log(jax.random.uniform(accept_key, log_lik.shape)) < log_alpha
+    pick = lambda a, b: jnp.where(accept.reshape(-1, *[1] * (a.ndim - 1)), a, b)
+    return (pick(proposal, codes), pick(proposal_logits, logits),
+            pick(proposal_log_prior, log_prior), pick(proposal_log_lik, log_lik)), None
+
+  logits = logits_fn(codes)
+  carry = (codes, logits, jnp.sum(code_log_probs(logits, codes), axis=(1, 2)),
+           log_likelihood(codes))
+  (codes, *_), _ = jax.lax.scan(step, carry,
+                                (jnp.arange(num_steps), jax.random.split(key, num_steps)))
+  return codes
+
+
+def vq_family(run, prior_model, prior_params, pool):
+  def refine(data, key, codes, log_likelihood, num_steps):
+    logits_fn = lambda codes: prior_model.apply({'params': data['prior_params']}, codes)
+    return code_mh(key, codes, logits_fn, log_likelihood, num_steps)
+
+  def draw(data, key, n):
+    pool = data['pool']
+    if n == len(pool):
+      return pool
+    return pool[jax.random.choice(key, len(pool), (n,), replace=False)]
+
+  return Family(
+      decode=lambda variables, codes, m: run.model.apply(variables, codes, m, method=_decode_codes),
+      prior=draw, refine=refine, data={'prior_params': prior_params, 'pool': pool})
+
+
+def prior_pool(workdir, run, prior_model, prior_params, size=POOL_SIZE, seed=0):
+  """(size, h, w) int32 codes drawn from the PixelCNN prior, cached in <workdir>/completion/."""
+  def draw():
+    sample, grid = prior.sampler(prior_model), prior.code_grid(run)
+    keys = jax.random.split(jax.random.key(seed), -(-size // 256))
+    pool = np.concatenate([np.asarray(sample(prior_params, key, (256, *grid))) for key in keys])
+    return pool[:size].tolist()
+
+  return np.asarray(cached(pathlib.Path(workdir) / CACHE_DIR / 'prior_codes.json', draw), np.int32)
+
+
+def cached(path, compute):
+  """The JSON content of `path`, or compute() written there (unless the folder is read-only)."""
+  try:
+    return workdir_lib.read_json(path)
+  except (OSError, UserError):  # absent, or cut short
+    pass
+  value = compute()
+  try:
+    path.parent.mkdir(exist_ok=True)
+    workdir_lib.write_json(path, value)
+  except OSError:
+    pass
+  return value
+
+
+# Both families.
+
+def _conditioning(run, x, mask):
+  """m (1, H, W, 1 + C) of one image, or None for method none (decoder 1 without m)."""
+  if run.config.method == 'none':
+    return None
+  return masks.conditioning(x[None], mask[None])
+
+
+def complete_image(key, x, mask, variables, data, *, run, family, noise, method, num_samples,
+                   settings):
+  """Samples (S, H, W, C) of image x (H, W, C, hidden pixels 0) observed where mask (H, W, 1) is 1,
+  with the mean and std (H, W, C) of the completion."""
+  m = _conditioning(run, x, mask)
+
+  def decode(z):
+    return family.decode(variables, z, None if m is None else jnp.broadcast_to(
+        m, (len(z), *m.shape[1:])))
+
+  def log_likelihood(z):
+    residual = mask * (decode(z) - x)
+    return -0.5 * jnp.sum(jnp.square(residual), axis=(1, 2, 3)) / noise['observed'] ** 2
+
+  prior_key, resample_key, refine_key, noise_key = jax.random.split(key, 4)
+  if method == 'prior':
+    z = family.prior(data, prior_key, num_samples)
+  else:
+    proposals = family.prior(data, prior_key, settings.num_proposals)
+    chosen = jax.random.categorical(resample_key, log_likelihood(proposals), shape=(num_samples,))
+    z = family.refine(data, refine_key, proposals[chosen], log_likelihood, settings.num_steps)
+  means = decode(z)
+  scale = jnp.where(mask > 0, noise['observed'], noise['hidden'])
+  samples = jnp.clip(means + scale * jax.random.normal(noise_key, means.shape), *VALUE_RANGE)
+  return samples, jnp.mean(means, axis=0), jnp.sqrt(jnp.var(means, axis=0) + scale ** 2)
+
+
+def completion_fn(completer, method, num_samples, settings):
+  """jit of (keys (B,), x (B, H, W, C), mask (B, H, W, 1)) -> samples (B, S, H, W, C), mean, std;
+  made once per completer and arguments."""
+  run, family = completer.run, completer.family
+  if run.config.model == 'vq':  # the whole pool is the proposals
+    settings = settings._replace(num_proposals=len(family.data['pool']))
+  key = (method, num_samples, settings)
+  if key not in completer.functions:
+    per_image = functools.partial(complete_image, run=run, family=family, noise=completer.noise,
+                                  method=method, num_samples=num_samples, settings=settings)
+    completer.functions[key] = jax.jit(jax.vmap(per_image, in_axes=(0, 0, 0, None, None)))
+  batched = completer.functions[key]
+  variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+  return lambda keys, x, mask: batched(keys, x, mask, variables, family.data)
+
+
+# Noise scales.
+
+def residual_sums(state, images, weights, key, *, config):
+  """Squared residuals and pixel counts, observed and hidden, of the decoder given the encoder's z.
+
+  Masks come from the run's training distribution (config.mask); method none
+  has no mask, all its pixels count as observed.
+  """
+  mask_key, z_key = jax.random.split(key)
+  if config.method == 'none':
+    mask = jnp.ones((*images.shape[:3], 1))
+    conds = {'out': None}
+  else:
+    mask = masks.batch_masks(mask_key, images, masks.mask_fn(config.mask))
+    conds = {'out': masks.conditioning(images, mask)}
+  variables = {'params': state.params, 'batch_stats': state.batch_stats}
+  outputs, _ = state.apply_fn(variables, images, conds, z_key, train=False)
+  squared = jnp.square(outputs['out'] - images)
+  rows = weights[:, None, None, None]
+  return {'observed': jnp.sum(squared * mask * rows), 'hidden': jnp.sum(squared * (1 - mask) * rows),
+          'observed_pixels': jnp.sum(jnp.broadcast_to(mask, images.shape) * rows),
+          'hidden_pixels': jnp.sum(jnp.broadcast_to(1 - mask, images.shape) * rows)}
+
+
+def estimate_noise(run):
+  """{'observed': s_obs, 'hidden': s_hid}: RMS residuals on up to NOISE_IMAGES validation images.
+
+  Method none has one decoder error for all pixels (both equal).
+  """
+  images = run.splits.validation[:NOISE_IMAGES]
+  sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
+                       images, run.config.train.batch_size, jax.random.fold_in(run.eval_key, 1))
+  observed = float(np.sqrt(sums['observed'] / sums['observed_pixels']))
+  hidden = observed if run.config.method == 'none' else float(
+      np.sqrt(sums['hidden'] / sums['hidden_pixels']))
+  return {'observed': observed, 'hidden': hidden}
+
+
+def noise_scales(workdir, run):
+  """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json."""
+  return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json', lambda: estimate_noise(run))
+
+
+def completer(workdir, run=None):
+  """A Completer of the finished run in `workdir` (a VQ run needs its trained prior)."""
+  run = run or train.load_run(workdir)
+  if run.config.model == 'vq':
+    prior_model, prior_state = prior.load_prior(workdir, run)
+    pool = prior_pool(workdir, run, prior_model, prior_state.params)
+    family = vq_family(run, prior_model, prior_state.params, jnp.asarray(pool))
+  else:
+    family = gaussian_family(run)
+  return Completer(run, family, noise_scales(workdir, run), {})
+
+
+# Checked inputs.
+
+def check_inputs(values, mask, image_shape):
+  """values (N, H, W, C) or (H, W, C), mask (N, H, W) or (H, W) -> float32 x (N, H, W, C) with
+  0 at hidden pixels, and mask (N, H, W, 1) of 0/1. Raises UserError naming what does not fit."""
+  height, width, channels = image_shape
+  values, mask = np.asarray(values), np.asarray(mask)
+  if values.ndim == 3:
+    values = values[None]
+  if values.ndim != 4 or values.shape[1:] != (height, width, channels):
+    raise UserError(f'values of shape {values.shape} do not fit the run: use (N, {height}, '
+                    f'{width}, {channels}) or ({height}, {width}, {channels})')
+  if mask.shape not in ((height, width), values.shape[:3]):
+    raise UserError(f'mask of shape {mask.shape} does not fit values of shape {values.shape}: '
+                    f'use ({height}, {width}) or ({len(values)}, {height}, {width})')
+  mask = np.broadcast_to(mask, values.shape[:3])
+  if not np.all((mask == 0) | (mask == 1)):
+    raise UserError('mask holds values other than 0 and 1 (or False and True): use 1 where a '
+                    'pixel is observed, 0 elsewhere')
+  empty = np.flatnonzero(mask.sum(axis=(1, 2)) == 0)
+  if len(empty):
+    raise UserError(f'mask of image {empty[0]} observes no pixel: observe at least one')
+  observed = np.broadcast_to(mask[..., None] == 1, values.shape)
+  seen = values[observed]
+  low, high = VALUE_RANGE
+  if not np.all(np.isfinite(seen)) or seen.min() < low or seen.max() > high:
+    bad = seen[~(np.isfinite(seen) & (seen >= low) & (seen <= high))][0]
+    raise UserError(f'observed value {bad} is outside the run\'s range: use values in '
+                    f'[{low}, {high}] at observed pixels (NaN only at hidden ones)')
+  x = np.where(observed, values, 0.0).astype(np.float32)
+  return x, mask[..., None].astype(np.float32)
+
+
+def chunk_size(num_images, num_samples, settings, model):
+  """Images per jitted call: all, or as many as keep about 4096 latents decoded at once."""
+  proposals = POOL_SIZE if model == 'vq' else settings.num_proposals
+  return min(num_images, max(1, 4096 // max(num_samples, proposals)))
+
+
+def complete_arrays(completer, x, mask, num_samples=32, method='posterior', seed=0,
+                    settings=Settings()):
+  """Checked x (N, H, W, C) and mask (N, H, W, 1) -> {'mean', 'std', 'samples'} as numpy arrays.
+
+  Image i's samples depend on (seed, i) only, not on how the images are chunked.
+  """
+  if method not in METHODS:
+    raise UserError(f"method={method!r} is not allowed: use one of {', '.join(METHODS)}")
+  if num_samples < 2:
+    raise UserError(f'num_samples={num_samples} is not allowed: use an integer >= 2')
+  fn = completion_fn(completer, method, num_samples, settings)
+  size = chunk_size(len(x), num_samples, settings, completer.run.config.model)
+  keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(
+      jnp.arange(len(x)))
+  out = []
+  for start in range(0, len(x), size):
+    index = np.minimum(np.arange(start, start + size), len(x) - 1)  # padded with the last image
+    out.append(jax.device_get(fn(keys[index], x[index], mask[index])))
+  samples, mean, std = (np.concatenate(parts)[:len(x)] for parts in zip(*out))
+  return {'mean': mean, 'std': std, 'samples': samples}
+
+
+def complete(workdir, values, mask, num_samples=32, method='posterior', seed=0) -> dict:
+  """Completes images of the finished run in `workdir` from their observed pixels.
+
+  values: (N, H, W, C) or (H, W, C) in the run's range [0, 1]; NaN allowed where
+  the mask is 0. mask: (N, H, W) or (H, W), 1 where observed. method:
+  'posterior' or 'prior'. Returns {'mean': (N, H, W, C), 'std': (N, H, W, C),
+  'samples': (N, num_samples, H, W, C)}, float32. Raises UserError for bad inputs.
+  """
+  helper = completer(workdir)
+  x, mask = check_inputs(values, mask, helper.run.splits.test.shape[1:])
+  return complete_arrays(helper, x, mask, num_samples, method, seed)

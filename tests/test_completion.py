@@ -1,0 +1,244 @@
+"""Completion from a few observed pixels, on small runs trained once for the module.
+
+A Gaussian VAE (method single, mask sampling and count 'mixture') and a VQ-VAE
+(method none) are trained on digits; the VQ run gets a small PixelCNN prior. The command lines
+experiments.complete and experiments.sparse_benchmark run as a user runs them.
+"""
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import device_env, small_config
+import mtvae_jax
+from mtvae_jax import completion
+from mtvae_jax import completion_io
+from mtvae_jax import masks
+from mtvae_jax import prior
+from mtvae_jax import sparse_benchmark
+from mtvae_jax.errors import UserError
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SETTINGS = completion.Settings(num_proposals=64, num_steps=8)
+NUM_SAMPLES = 8
+
+
+def train_run(workdir, model, method, num_epochs):
+  config = small_config(model, method, num_epochs=num_epochs)
+  config.mask.update(sampling='mixture', count='mixture')
+  mtvae_jax.train_and_evaluate(config, workdir)
+  return workdir
+
+
+@pytest.fixture(scope='module')
+def gaussian_run(tmp_path_factory):
+  workdir = train_run(tmp_path_factory.mktemp('gaussian'), 'gaussian', 'single', num_epochs=8)
+  return workdir, completion.completer(workdir)
+
+
+@pytest.fixture(scope='module')
+def vq_run(tmp_path_factory):
+  # method none: decoder 1 alone, the observed pixels reach it only through the codes (the small
+  # VQ-VAEs of method single learn to ignore their codes on digits)
+  workdir = train_run(tmp_path_factory.mktemp('vq'), 'vq', 'none', num_epochs=10)
+  config = prior.default_config()
+  config.pixelcnn.update(features=16, num_layers=2)
+  config.train.update(num_epochs=2, batch_size=64)
+  prior.train_prior(config, workdir)
+  return workdir, completion.completer(workdir)
+
+
+def observed_images(helper, num, fraction, seed=0):
+  """The first `num` test images, uniform masks observing `fraction` of their pixels, and x."""
+  truth = np.asarray(helper.run.splits.test[:num])
+  height, width = truth.shape[1:3]
+  mask = np.asarray(jax.vmap(lambda key: masks.uniform_mask(key, round(fraction * height * width),
+                                                             (height, width)))(
+      jax.random.split(jax.random.key(seed), num)))
+  return truth, mask, np.where(mask > 0, truth, 0.0).astype(np.float32)
+
+
+def hidden_mse(truth, mask, mean):
+  hidden = np.broadcast_to(mask == 0, truth.shape)
+  return float(np.mean(np.square(mean - truth)[hidden]))
+
+
+@pytest.mark.parametrize('family', ['gaussian_run', 'vq_run'])
+def test_posterior_completions_agree_with_the_observed_pixels(family, request):
+  _, helper = request.getfixturevalue(family)
+  truth, mask, x = observed_images(helper, 32, 0.5)
+  observed = np.broadcast_to(mask > 0, truth.shape)
+  rms = {}
+  for method in completion.METHODS:
+    out = completion.complete_arrays(helper, x, mask, NUM_SAMPLES, method, settings=SETTINGS)
+    rms[method] = np.sqrt(np.mean(np.square(out['mean'] - truth)[observed]))
+    # the samples scatter around the observed values by about the noise scale
+    spread = np.sqrt(np.mean(np.square(out['samples'] - truth[:, None])[:, :, observed[0]]))
+    assert spread < 2.5 * helper.noise['observed']
+  assert rms['posterior'] < 1.2 * helper.noise['observed']
+  assert rms['posterior'] < 0.9 * rms['prior']
+
+
+def test_posterior_mean_beats_the_prior_mean_on_hidden_pixels(gaussian_run):
+  _, helper = gaussian_run
+  truth, mask, x = observed_images(helper, 32, 0.5)
+  errors = {method: hidden_mse(truth, mask, completion.complete_arrays(
+      helper, x, mask, NUM_SAMPLES, method, settings=SETTINGS)['mean'])
+            for method in completion.METHODS}
+  assert errors['posterior'] < 0.9 * errors['prior']
+
+
+def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
+  workdir, helper = gaussian_run
+  noise = helper.noise
+  assert 0 < noise['observed'] < noise['hidden'] < 0.5
+  assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == noise
+
+
+def test_complete_takes_nans_at_hidden_pixels_a_shared_mask_and_is_reproducible(gaussian_run):
+  workdir, helper = gaussian_run
+  truth = np.asarray(helper.run.splits.test[:3])
+  mask = np.zeros(truth.shape[1:3])
+  mask[::2, ::3] = 1
+  values = np.where(mask[None, ..., None] > 0, truth, np.nan)
+  out = mtvae_jax.complete(workdir, values, mask, num_samples=4, method='prior', seed=3)
+  assert out['samples'].shape == (3, 4, *truth.shape[1:])
+  assert out['mean'].shape == out['std'].shape == truth.shape
+  assert all(np.isfinite(a).all() for a in out.values())
+  again = completion.complete_arrays(helper, *completion.check_inputs(values, mask, truth.shape[1:]),
+                                     num_samples=4, method='prior', seed=3)
+  for name, value in out.items():
+    np.testing.assert_array_equal(again[name], value)
+
+
+@pytest.mark.parametrize('values_shape,mask_shape,change,message', [
+    ((2, 8, 7, 1), (8, 7), None, r'values of shape \(2, 8, 7, 1\) do not fit the run: use \(N, 8, 8, 1\)'),
+    ((2, 8, 8, 1), (7, 8), None, r'mask of shape \(7, 8\) does not fit'),
+    ((2, 8, 8, 1), (3, 8, 8), None, r'mask of shape \(3, 8, 8\) does not fit'),
+    ((2, 8, 8, 1), (8, 8), 'empty', 'mask of image 1 observes no pixel'),
+    ((2, 8, 8, 1), (8, 8), 'range', "observed value 1.5 is outside the run's range"),
+    ((2, 8, 8, 1), (8, 8), 'nan', "observed value nan is outside the run's range"),
+    ((2, 8, 8, 1), (8, 8), 'binary', 'mask holds values other than 0 and 1'),
+])
+def test_bad_inputs_are_refused_naming_what_fits(values_shape, mask_shape, change, message):
+  values, mask = np.full(values_shape, 0.5), np.ones(mask_shape)
+  if change == 'empty':
+    mask = np.ones((2, 8, 8))
+    mask[1] = 0
+  elif change == 'range':
+    values[1, 2, 3] = 1.5
+  elif change == 'nan':
+    values[0, 0, 0] = np.nan
+  elif change == 'binary':
+    mask[0, 0] = 0.5
+  with pytest.raises(UserError, match=message):
+    completion.check_inputs(values, mask, (8, 8, 1))
+
+
+def run_cli(module, *args):
+  return subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=device_env())
+
+
+def test_complete_cli_writes_the_arrays_and_the_panel(gaussian_run, tmp_path):
+  workdir, helper = gaussian_run
+  truth = np.asarray(helper.run.splits.test[:2])
+  mask = np.zeros((2, 8, 8))
+  mask[:, 1::3, 1::2] = 1
+  np.savez(tmp_path / 'in.npz', values=np.where(mask[..., None] > 0, truth, np.nan), mask=mask)
+  result = run_cli('experiments.complete', f'--workdir={workdir}', f'--input={tmp_path}/in.npz',
+                   f'--output={tmp_path}/out.npz', '--num_samples=4', '--method=prior')
+  assert result.returncode == 0, result.stderr
+  with np.load(tmp_path / 'out.npz') as out:
+    assert out['samples'].shape == (2, 4, 8, 8, 1)
+    np.testing.assert_array_equal(out['mask'], mask)
+  assert Image.open(tmp_path / 'out.png').size[0] > 0
+
+
+def write_png(path, array):
+  Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def bad_input(tmp_path, case):
+  """(input file, mask file or None) of the bad input `case`."""
+  source, mask_file = tmp_path / 'in.npz', None
+  values, mask = np.full((1, 8, 8, 1), 0.5), np.ones((1, 8, 8))
+  if case in ('mask_size', 'unreadable_image'):
+    source, mask_file = tmp_path / 'in.png', tmp_path / 'mask.png'
+    write_png(source, np.full((8, 8), 128))
+    write_png(mask_file, np.full((8, 5), 255))
+    if case == 'unreadable_image':
+      source.write_bytes(b'not an image')
+    return source, mask_file
+  if case == 'unreadable':
+    source.write_bytes(b'not a zip file')
+    return source, None
+  if case == 'shape':
+    values = np.full((1, 8, 9, 1), 0.5)
+  elif case == 'range':
+    values[0, 3, 3] = 2.0
+  elif case == 'empty':
+    mask[:] = 0
+  arrays = {'values': values} if case == 'arrays' else {'values': values, 'mask': mask}
+  np.savez(source, **arrays)
+  return source, None
+
+
+@pytest.mark.parametrize('case,message', [
+    ('shape', r'values of shape \(1, 8, 9, 1\) do not fit the run: use \(N, 8, 8, 1\)'),
+    ('range', r"observed value 2.0 is outside the run's range: use values in \[0.0, 1.0\]"),
+    ('empty', 'mask of image 0 observes no pixel'),
+    ('mask_size', '--mask of 5x8 pixels does not fit the 8x8 image: use a mask of the same size'),
+    ('unreadable', "--input '.*in.npz' cannot be read as an .npz"),
+    ('unreadable_image', "--input '.*in.png' cannot be read as an image"),
+    ('arrays', r"lacks the array\(s\) mask: save values and mask"),
+])
+def test_complete_command_refuses_bad_inputs(gaussian_run, tmp_path, case, message):
+  workdir, _ = gaussian_run
+  source, mask_file = bad_input(tmp_path, case)
+  with pytest.raises(UserError, match=message):
+    completion_io.complete_files(workdir, str(source), mask_file and str(mask_file),
+                                 tmp_path / 'out.npz', 4)
+
+
+def test_complete_cli_reports_a_bad_input_in_one_line(gaussian_run, tmp_path):
+  workdir, _ = gaussian_run
+  source, _ = bad_input(tmp_path, 'empty')
+  result = run_cli('experiments.complete', f'--workdir={workdir}', f'--input={source}',
+                   f'--output={tmp_path}/out.npz')
+  assert result.returncode == 2
+  assert result.stderr.strip() == 'error: mask of image 0 observes no pixel: observe at least one'
+
+
+def test_sparse_benchmark_writes_the_documented_layout(gaussian_run):
+  workdir, helper = gaussian_run
+  result = sparse_benchmark.benchmark(helper, (0.25, 0.5), num_images=32, num_samples=NUM_SAMPLES,
+                                      neighbours=3, settings=SETTINGS, log=lambda line: None)
+  sparse_benchmark.write(workdir, result)
+  out = json.loads((workdir / sparse_benchmark.RESULT_FILE).read_text())
+  assert set(out) == {'fractions', 'results'} and out['fractions'] == [0.25, 0.5]
+  assert set(out['results']) == set(sparse_benchmark.METHODS)
+  for method, by_sampling in out['results'].items():
+    assert set(by_sampling) == {'uniform', 'exact'}
+    for values in by_sampling.values():
+      assert set(values) == set(sparse_benchmark.SCORES)
+      assert all(len(v) == 2 for v in values.values())
+      assert (values['crps'][0] is None) == (method == 'interpolation')
+  assert (workdir / sparse_benchmark.FIGURE_FILE).stat().st_size > 0
+  assert '| uniform | posterior |' in sparse_benchmark.table(out)
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--counts=0,8'], '--counts=0,8 is not allowed: give pixel counts from 1 to 63 (8x8 images)'),
+    (['--counts=8', '--fractions=0.1'], 'give --fractions or --counts, not both'),
+])
+def test_sparse_benchmark_cli_refuses_bad_flags_in_one_line(gaussian_run, flags, message):
+  workdir, _ = gaussian_run
+  result = run_cli('experiments.sparse_benchmark', f'--workdir={workdir}', *flags)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines() == [f'error: {message}']

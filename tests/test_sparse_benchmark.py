@@ -1,0 +1,111 @@
+"""The benchmark's scores and baselines on arrays with known answers."""
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from mtvae_jax import sparse_benchmark as bench
+from mtvae_jax.errors import UserError
+
+
+def gaussian_crps(mean, std, y):
+  """Closed-form CRPS of N(mean, std^2) at y."""
+  z = (y - mean) / std
+  return std * (z * (2 * stats.norm.cdf(z) - 1) + 2 * stats.norm.pdf(z) - 1 / np.sqrt(np.pi))
+
+
+def test_crps_of_gaussian_samples_matches_the_closed_form():
+  rng = np.random.default_rng(0)
+  mean, std = np.array([0.2, 0.5, 0.5, -1.0]), np.array([0.1, 0.3, 0.3, 2.0])
+  truth = np.array([0.2, 0.9, 0.0, 3.0])
+  samples = mean + std * rng.standard_normal((20000, 4))
+  measured = bench.crps(samples.T[:, :, None], truth[:, None])[:, 0]
+  np.testing.assert_allclose(measured, gaussian_crps(mean, std, truth), rtol=0.02)
+
+
+def test_crps_of_one_repeated_sample_is_the_absolute_error():
+  samples = np.full((3, 5), 0.4)
+  np.testing.assert_allclose(bench.crps(samples, np.array([0.4, 0.1, 1.0])), [0.0, 0.3, 0.6],
+                             atol=1e-12)
+
+
+def test_coverage_of_gaussian_samples_matches_the_interval():
+  rng = np.random.default_rng(1)
+  samples = rng.standard_normal((4000, 400))
+  inside = bench.inside_interval(samples, rng.standard_normal(4000))
+  assert abs(inside.mean() - 0.9) < 4 * np.sqrt(0.09 / 4000) + 0.01
+  z95 = stats.norm.ppf(0.95)
+  edges = bench.inside_interval(samples[:3], np.array([0.0, z95 + 0.2, -z95 - 0.2]))
+  np.testing.assert_array_equal(edges, [1.0, 0.0, 0.0])
+
+
+def test_scores_count_hidden_pixels_only():
+  rng = np.random.default_rng(2)
+  truth = rng.uniform(size=(2, 16, 16, 1))
+  mask = np.zeros((2, 16, 16, 1))
+  mask[:, ::2] = 1.0
+  mean = truth + 0.5 * mask  # wrong at the observed pixels only
+  out = bench.scores(truth, mask, mean, np.repeat(mean[:, None], 4, axis=1))
+  assert out['mse'] == 0.0 and out['crps'] == pytest.approx(0.0, abs=1e-12)
+  assert out['ssim'] == pytest.approx(1.0, abs=1e-5) and out['coverage90'] == 1.0
+  assert out['psnr'] == pytest.approx(100.0)  # the MSE floor of 1e-10
+  shifted = bench.scores(truth, mask, truth + 0.1 * (1 - mask))
+  assert shifted['mse'] == pytest.approx(0.01) and shifted['psnr'] == pytest.approx(20.0)
+  assert shifted['ssim'] < 1.0 and shifted['crps'] is None and shifted['coverage90'] is None
+
+
+def test_interpolation_is_exact_for_a_plane_and_nearest_outside_the_hull():
+  rows, cols = np.meshgrid(np.arange(6), np.arange(6), indexing='ij')
+  plane = (0.1 + 0.05 * rows + 0.1 * cols)[None, ..., None]
+  mask = np.zeros((1, 6, 6, 1))
+  mask[0, [1, 1, 4, 4], [1, 4, 1, 4]] = 1.0
+  mean, samples = bench.interpolation(plane * mask, mask)
+  assert samples is None
+  np.testing.assert_allclose(mean[0, 1:5, 1:5], plane[0, 1:5, 1:5], atol=1e-6)
+  assert mean[0, 0, 0, 0] == pytest.approx(plane[0, 1, 1, 0])  # nearest observed: (1, 1)
+  assert mean[0, 5, 5, 0] == pytest.approx(plane[0, 4, 4, 0])
+
+
+def test_interpolation_of_collinear_pixels_falls_back_to_nearest():
+  mask = np.zeros((1, 5, 5, 1))
+  mask[0, 2, [0, 4]] = 1.0
+  x = np.zeros((1, 5, 5, 1))
+  x[0, 2, 4] = 1.0
+  mean, _ = bench.interpolation(x, mask)
+  np.testing.assert_array_equal(mean[0, :, :2, 0], 0.0)
+  np.testing.assert_array_equal(mean[0, :, 3:, 0], 1.0)
+
+
+def test_nearest_neighbours_average_the_training_images_closest_on_observed_pixels():
+  train = np.stack([np.full((4, 4, 1), v, np.float32) for v in (0.0, 0.3, 0.5, 1.0)])
+  train[1, 0, 0] = 0.9  # image 1 matches x on the observed pixel, though not elsewhere
+  mask = np.zeros((1, 4, 4, 1), np.float32)
+  mask[0, 0, 0] = 1.0
+  x = np.where(mask > 0, 0.88, 0.0).astype(np.float32)
+  mean, samples = bench.nearest_neighbours(train, x, mask, k=1)
+  np.testing.assert_array_equal(mean, train[1:2])
+  mean, samples = bench.nearest_neighbours(train, x, mask, k=2)
+  np.testing.assert_allclose(mean[0], (train[1] + train[3]) / 2)  # 0.9 and 1.0 beat 0.5
+  assert samples.shape == (1, 2, 4, 4, 1)
+
+
+def test_mean_image_is_the_training_mean_with_training_images_as_samples():
+  train = np.arange(5 * 4, dtype=np.float32).reshape(5, 2, 2, 1)
+  x, mask = np.zeros((3, 2, 2, 1)), np.ones((3, 2, 2, 1))
+  mean, samples = bench.mean_image(train, x, mask, 6, jax.random.key(0))
+  np.testing.assert_allclose(mean, np.broadcast_to(train.mean(axis=0), x.shape))
+  assert samples.shape == (3, 6, 2, 2, 1)
+  assert all(any(np.array_equal(s, t) for t in train) for s in samples.reshape(-1, 2, 2, 1))
+
+
+def test_exact_benchmark_masks_are_one_grid_and_uniform_ones_differ():
+  exact = bench.benchmark_masks(jax.random.key(0), 'exact', 7, 3, (8, 8))
+  uniform = bench.benchmark_masks(jax.random.key(0), 'uniform', 7, 3, (8, 8))
+  assert (exact == exact[0]).all() and not (uniform == uniform[0]).all()
+  np.testing.assert_array_equal(uniform.sum(axis=(1, 2, 3)), 7)
+
+
+@pytest.mark.parametrize('fractions', [[], [0.0001], [1.0], [0.5, 2.0]])
+def test_check_fractions_refuses_fractions_observing_no_or_every_pixel(fractions):
+  with pytest.raises(UserError, match='observed fractions'):
+    bench.check_fractions(fractions, 64)

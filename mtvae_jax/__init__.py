@@ -26,7 +26,8 @@ def use_fast_cpu_convolutions():
 use_fast_cpu_convolutions()
 
 # pylint: disable=wrong-import-position
+from mtvae_jax.completion import complete
 from mtvae_jax.errors import UserError
 from mtvae_jax.train import train_and_evaluate
 
-__all__ = ['UserError', 'train_and_evaluate', 'use_fast_cpu_convolutions']
+__all__ = ['UserError', 'complete', 'train_and_evaluate', 'use_fast_cpu_convolutions']

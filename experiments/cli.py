@@ -5,6 +5,8 @@ ends the program with one line `error: ...` on stderr and exit status 2: the
 library raises mtvae_jax.UserError, and `run` or the flags parser prints it.
 Each entry point calls `configure_jax` first thing in its main function.
 """
+import importlib.metadata
+import os
 import pathlib
 import sys
 
@@ -27,6 +29,10 @@ REQUIRED, REFUSED = 'required', 'refused'
 FINISHED_RUN = 'the folder of a finished run of experiments.main'
 # Compiled programs persist here unless JAX_COMPILATION_CACHE_DIR names another folder.
 COMPILATION_CACHE = pathlib.Path.home() / '.cache' / 'mtvae_jax' / 'jax'
+# XLA:CPU runs convolutions with Eigen rather than YNNPACK: the models' train steps are faster
+# that way on CPUs (BENCHMARKS.md) and compute the same numbers to float32 rounding. jaxlib
+# releases before 0.10 abort on the flag.
+CPU_CONVOLUTION_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
 
 
 def configure_jax():
@@ -35,10 +41,15 @@ def configure_jax():
   Keeps orbax's per-checkpoint log lines off the terminal, and keeps compiled
   programs in a persistent cache (COMPILATION_CACHE, where
   JAX_COMPILATION_CACHE_DIR is unset), so a second run of a config starts
-  without compiling its steps. What XLA reads once per process (XLA_FLAGS)
-  is set here too, as the first computation starts the backend.
+  without compiling its steps. Adds CPU_CONVOLUTION_FLAG to XLA_FLAGS, which
+  XLA reads when the first computation starts its backend, unless XLA_FLAGS
+  names that option already (the user's choice).
   """
   logging.set_verbosity(logging.WARNING)
+  xla_flags = os.environ.get('XLA_FLAGS', '')
+  jaxlib = tuple(int(part) for part in importlib.metadata.version('jaxlib').split('.')[:2])
+  if CPU_CONVOLUTION_FLAG.split('=')[0] not in xla_flags and jaxlib >= (0, 10):
+    os.environ['XLA_FLAGS'] = f'{xla_flags} {CPU_CONVOLUTION_FLAG}'.strip()
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', str(COMPILATION_CACHE))
 

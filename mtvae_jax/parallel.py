@@ -37,8 +37,8 @@ def settings(distributed_config):
   values = {}
   for key, variable in ENV.items():
     value = distributed_config[key]
-    if value == unset[key] and os.environ.get(variable):
-      raw = os.environ[variable]
+    raw = os.environ.get(variable)
+    if value == unset[key] and raw:
       try:
         value = raw if key == 'coordinator_address' else int(raw)
       except ValueError:

@@ -57,16 +57,27 @@ class SpatialCondition(nn.Module):
     return levels
 
 
-def dense_input(m, conditioning):
-  """The m that the dense layer sees: m itself for 'dense', None otherwise."""
-  return m if conditioning == 'dense' else None
-
-
 def spatial_levels(m, conditioning, hidden_sizes, first_grid):
   """m's features on every grid for `attach` ('spatial' and m given), else None."""
   if conditioning != 'spatial' or m is None:
     return None
   return SpatialCondition(spatial_widths(hidden_sizes))(m, tuple(first_grid))
+
+
+def first_grid(z, m, conditioning, hidden_sizes, shape):
+  """The decoder's input on its first grid, and m's features for its later grids.
+
+  z: (B, ...), m: (B, H, W, 1 + C) or None, shape: (h, w, c) of the first
+  grid. One dense layer maps z (and m, for 'dense') to the grid, except where
+  z already has its shape and no m joins it there (a VQ decoder's z_q); for
+  'spatial', m's features are attached. Returns (B, h, w, c [+ m's]) and the
+  levels for `attach` (None without spatial m). Call inside a compact method:
+  the layers belong to the calling module.
+  """
+  dense_m = m if conditioning == 'dense' else None
+  h = z if dense_m is None and z.shape[1:] == tuple(shape) else merge_condition(z, dense_m, shape)
+  levels = spatial_levels(m, conditioning, hidden_sizes, shape[:2])
+  return attach(h, levels), levels
 
 
 def attach(h, levels):

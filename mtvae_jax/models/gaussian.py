@@ -38,10 +38,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z, m=None, *, train):
-    dense_m = conditioning.dense_input(m, self.conditioning)
-    h = conditioning.merge_condition(z, dense_m, (*self.start, self.hidden_sizes[-1]))
-    levels = conditioning.spatial_levels(m, self.conditioning, self.hidden_sizes, self.start)
-    h = conditioning.attach(h, levels)
+    h, levels = conditioning.first_grid(z, m, self.conditioning, self.hidden_sizes,
+                                        (*self.start, self.hidden_sizes[-1]))
     for features in (*reversed(self.hidden_sizes[:-1]), self.hidden_sizes[0]):
       h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 3)(h)))
       h = conditioning.attach(h, levels)

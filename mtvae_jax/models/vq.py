@@ -80,10 +80,8 @@ class Decoder(nn.Module):
 
   @nn.compact
   def __call__(self, z_q, m=None, *, train):
-    dense_m = conditioning.dense_input(m, self.conditioning)
-    h = z_q if dense_m is None else conditioning.merge_condition(z_q, dense_m, z_q.shape[1:])
-    levels = conditioning.spatial_levels(m, self.conditioning, self.hidden_sizes, z_q.shape[1:3])
-    h = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(conditioning.attach(h, levels)))
+    h, levels = conditioning.first_grid(z_q, m, self.conditioning, self.hidden_sizes, z_q.shape[1:])
+    h = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(h))
     for _ in range(self.num_residual_layers):
       h = layers.ResidualLayer()(h)
     h = layers.leaky_relu(h)

@@ -94,7 +94,8 @@ def assert_same_run(workdir, reference, runs=1):
   """workdir's run ended as `reference`'s; `runs` commands (each writes one event file) made it."""
   metrics, expected = (json.loads((w / 'metrics.json').read_text()) for w in (workdir, reference))
   assert metrics['best_epoch'] == expected['best_epoch']
-  assert metrics == pytest.approx(expected, rel=1e-3)
+  # z_use is a small difference of two errors: rounding moves it by ~1e-5 with the device count.
+  assert metrics == pytest.approx(expected, rel=1e-3, abs=1e-4)
   history = (workdir / 'history.jsonl').read_text().splitlines()
   assert [json.loads(line)['epoch'] for line in history] == [1, 2]  # written once, by process 0
   assert len(list(workdir.glob('events.out.tfevents.*'))) == runs
@@ -128,12 +129,14 @@ def test_two_processes_train_stop_together_and_resume_like_one(one_device_run, t
   assert stopped[0].split(':')[1] == stopped[1].split(':')[1].replace('SIGTERM', 'a signal to '
                                                                       'another process')
   assert not (tmp_path / 'metrics.json').exists()
-  assert len(list(tmp_path.glob('events.out.tfevents.*'))) == 1  # process 0's
+  # Process 0 writes an event file once it finishes an epoch; the resumed run writes another.
+  finished_epoch = int(stopped[1].rsplit('at epoch ', 1)[1].split()[0].rstrip(':;,.')) > 1
+  assert len(list(tmp_path.glob('events.out.tfevents.*'))) == finished_epoch
 
   result = run_main(*SMALL, f'--workdir={tmp_path}', devices=2)
   assert result.returncode == 0, result.stderr
   assert 'resuming at epoch' in result.stdout
-  assert_same_run(tmp_path, one_device_run, runs=2)
+  assert_same_run(tmp_path, one_device_run, runs=1 + finished_epoch)
 
 
 def test_batch_size_the_devices_cannot_split_is_one_line(tmp_path):

@@ -164,7 +164,8 @@ def check_fractions(fractions, num_pixels):
 
 
 def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, num_samples=32,
-              neighbours=16, seed=0, settings=completion.Settings(), log=print):
+              neighbours=16, seed=0, settings=completion.Settings(),
+              log=functools.partial(print, flush=True)):
   """The sparse_benchmark.json dict for the run of `helper` (a completion.Completer)."""
   run = helper.run
   test, train_images = run.splits.test, np.asarray(run.splits.train)

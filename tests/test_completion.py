@@ -68,14 +68,31 @@ def hidden_mse(truth, mask, mean):
   return float(np.mean(np.square(mean - truth)[hidden]))
 
 
-@pytest.mark.parametrize('family', ['gaussian_run', 'vq_run'])
-def test_posterior_completions_agree_with_the_observed_pixels(family, request):
-  _, helper = request.getfixturevalue(family)
+def _completions(run):
+  """Truth, mask and every method's completion of 32 test images with half their pixels seen."""
+  _, helper = run
   truth, mask, x = observed_images(helper, 32, 0.5)
+  return helper, truth, mask, {
+      method: completion.complete_arrays(helper, x, mask, NUM_SAMPLES, method, settings=SETTINGS)
+      for method in completion.METHODS}
+
+
+@pytest.fixture(scope='module')
+def gaussian_completions(gaussian_run):
+  return _completions(gaussian_run)
+
+
+@pytest.fixture(scope='module')
+def vq_completions(vq_run):
+  return _completions(vq_run)
+
+
+@pytest.mark.parametrize('family', ['gaussian', 'vq'])
+def test_posterior_completions_agree_with_the_observed_pixels(family, request):
+  helper, truth, mask, outs = request.getfixturevalue(f'{family}_completions')
   observed = np.broadcast_to(mask > 0, truth.shape)
   rms = {}
-  for method in completion.METHODS:
-    out = completion.complete_arrays(helper, x, mask, NUM_SAMPLES, method, settings=SETTINGS)
+  for method, out in outs.items():
     rms[method] = np.sqrt(np.mean(np.square(out['mean'] - truth)[observed]))
     # the samples scatter around the observed values by about the noise scale
     spread = np.sqrt(np.mean(np.square(out['samples'] - truth[:, None])[:, :, observed[0]]))
@@ -84,12 +101,9 @@ def test_posterior_completions_agree_with_the_observed_pixels(family, request):
   assert rms['posterior'] < 0.9 * rms['prior']
 
 
-def test_posterior_mean_beats_the_prior_mean_on_hidden_pixels(gaussian_run):
-  _, helper = gaussian_run
-  truth, mask, x = observed_images(helper, 32, 0.5)
-  errors = {method: hidden_mse(truth, mask, completion.complete_arrays(
-      helper, x, mask, NUM_SAMPLES, method, settings=SETTINGS)['mean'])
-            for method in completion.METHODS}
+def test_posterior_mean_beats_the_prior_mean_on_hidden_pixels(gaussian_completions):
+  _, truth, mask, outs = gaussian_completions
+  errors = {method: hidden_mse(truth, mask, out['mean']) for method, out in outs.items()}
   assert errors['posterior'] < 0.9 * errors['prior']
 
 

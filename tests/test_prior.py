@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import compilations
 from conftest import small_config
 from mtvae_jax import prior
 from mtvae_jax.models import pixelcnn
@@ -54,13 +55,16 @@ def test_sampling_matches_the_models_conditional_distribution():
 
   sample = prior.sampler(model)
   num = 20_000
-  for temperature, seed in ((1.0, 1), (0.5, 2)):
-    codes = np.asarray(sample(params, jax.random.key(seed), (num, *grid), temperature))
+  draws = [(temperature, jax.random.key(seed)) for temperature, seed in ((1.0, 1), (0.5, 2))]
+  with compilations() as (compiled, _):
+    draws = [(temperature, np.asarray(sample(params, key, (num, *grid), temperature)))
+             for temperature, key in draws]
+  assert sum(compiled.values()) == 1, compiled  # a new temperature does not recompile
+  for temperature, codes in draws:
     index = (codes.reshape(num, -1) * num_codes ** np.arange(3, -1, -1)).sum(axis=1)
     empirical = np.bincount(index, minlength=num_codes ** 4) / num
     assert 0.5 * np.abs(empirical - exact(temperature)).sum() < 0.03
   assert 0.5 * np.abs(exact(1.0) - exact(0.5)).sum() > 0.1  # the check above can tell them apart
-  assert sample._cache_size() == 1  # a new temperature does not recompile
 
 
 def test_baselines_are_uniform_and_smoothed_training_frequencies():

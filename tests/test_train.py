@@ -33,17 +33,6 @@ def test_a_few_steps_lower_the_loss(make_config, model_name, method):
   assert set(metrics) == expected
 
 
-def test_train_step_compiles_once(make_config):
-  config = make_config('gaussian', 'single')
-  splits = data.load(config.data, config.seed)
-  model = models.build_model(config, splits.train.shape[1:])
-  state = train.create_train_state(config, model, splits.train.shape[1:], jax.random.key(0))
-  step = jax.jit(lambda s, x, k: train.train_step(s, x, k, config=config))
-  for i in range(3):
-    state, _ = step(state, splits.train[i * 64:(i + 1) * 64], jax.random.key(1))
-  assert step._cache_size() == 1
-
-
 def test_train_and_evaluate_writes_outputs_and_keeps_best_epoch(make_config, tmp_path):
   config = make_config('vq', 'multi', num_epochs=3)
   result = train.train_and_evaluate(config, tmp_path)

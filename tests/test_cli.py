@@ -1,9 +1,14 @@
 """The command line as a user runs it: python -m experiments.main."""
 import json
+import subprocess
+import sys
 
 import pytest
 
+from conftest import ROOT
+from conftest import device_env
 from conftest import run_main as main
+from experiments import cli
 
 
 BAD_INPUTS = [
@@ -11,7 +16,7 @@ BAD_INPUTS = [
     (['--config.method=triple'], "config.method='triple' is not allowed: use one of none, multi"),
     (['--config.data.name=imagenet'], "config.data.name='imagenet' is not allowed"),
     (['--config.mask.sampling=poisson'], "config.mask.sampling='poisson' is not allowed"),
-    (['--config.mask.num_pixels=-1'], 'config.mask.num_pixels=-1 is not allowed'),
+    (['--config.mask.num_pixels=-2'], 'config.mask.num_pixels=-2 is not allowed: use a count from 0'),
     (['--config.mask.num_pixels=65'], 'config.mask.num_pixels=65 is not allowed: use a count from 0 to 64'),
     (['--config.mask.power_law_exponent=0'], 'config.mask.power_law_exponent=0.0 is not allowed'),
     (['--config.mask.power_law_exponent=-3'], 'config.mask.power_law_exponent=-3.0 is not allowed'),
@@ -56,3 +61,25 @@ def test_finished_run_of_another_config_is_not_overwritten(tmp_path):
   assert result.returncode == 2
   assert 'holds a run of another config' in result.stderr
   assert (tmp_path / 'metrics.json').read_text() == '{"loss": 1.0}'
+
+
+def test_importing_the_package_sets_nothing_and_the_command_lines_add_the_convolution_flag():
+  script = '''
+import os
+os.environ.pop('XLA_FLAGS', None)
+import jax
+before = (dict(os.environ), jax.config.jax_compilation_cache_dir)
+import mtvae_jax
+assert (dict(os.environ), jax.config.jax_compilation_cache_dir) == before
+from experiments import cli
+cli.configure_jax()
+print(os.environ['XLA_FLAGS'])
+os.environ['XLA_FLAGS'] = '--xla_cpu_experimental_ynn_fusion_type=reduce'  # the user's choice
+cli.configure_jax()
+print(os.environ['XLA_FLAGS'])
+'''
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True, text=True,
+                          env=device_env(), timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.splitlines() == [cli.CPU_CONVOLUTION_FLAG,
+                                        '--xla_cpu_experimental_ynn_fusion_type=reduce']

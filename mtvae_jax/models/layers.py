@@ -9,12 +9,16 @@ and the input gradient of a strided one) many times slower than stride-1
 ones. So `up` runs as four stride-1 convolutions, one per output phase, and
 `down`'s tangent in its input as four stride-1 convolutions of the input's
 phases, whose transpose (the input gradient) is stride-1 convolutions too.
-Every layer has forward- and reverse-mode derivatives.
+Where XLA's own gradient of a layer is slow, the layer is a jax.custom_jvp
+function whose tangent, linear in the tangents, is written in the form
+whose transpose is the fast gradient; so every layer has forward- and
+reverse-mode derivatives.
 """
 import flax.linen as nn
 import jax
 from jax.custom_derivatives import SymbolicZero
 import jax.numpy as jnp
+import numpy as np
 
 LEAKY_SLOPE = 0.01
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
@@ -80,6 +84,50 @@ def conv_transpose_by_phases(x, kernel):
   return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
 
 
+def _zero(tangent):
+  return isinstance(tangent, SymbolicZero)
+
+
+def _sum(terms, out):
+  """The sum of a tangent's terms; zeros like `out` for none."""
+  return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+
+
+def _dilated(x, kernel):
+  """conv_transpose_by_phases as XLA's lhs-dilated convolution."""
+  padding = up_padding(kernel.shape[0])
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), (padding, padding), lhs_dilation=(2, 2),
+                                      dimension_numbers=_NHWC)
+
+
+@jax.custom_jvp
+def conv_up(x, kernel):
+  """`up`'s transposed convolution: (B, h, w, c), (k, k, c, f) -> (B, 2h, 2w, f).
+
+  By phases, except for an image's few channels (f <= 4), where XLA runs
+  the lhs-dilated form faster than four phases of so few channels. The
+  tangent in x is the lhs-dilated form, whose transpose (the input
+  gradient) is one stride-2 convolution instead of four phases' gradients;
+  the tangent in the kernel is by phases, whose transposes are much faster
+  kernel gradients than the lhs-dilated form's.
+  """
+  if kernel.shape[-1] <= 4:
+    return _dilated(x, kernel)
+  return conv_transpose_by_phases(x, kernel)
+
+
+def _conv_up_jvp(primals, tangents):
+  x, kernel = primals
+  x_dot, kernel_dot = tangents
+  out = conv_up(x, kernel)
+  terms = ([] if _zero(x_dot) else [_dilated(x_dot, kernel)]) + (
+      [] if _zero(kernel_dot) else [conv_transpose_by_phases(x, kernel_dot)])
+  return out, _sum(terms, out)
+
+
+conv_up.defjvp(_conv_up_jvp, symbolic_zeros=True)
+
+
 def _strided(x, kernel):
   """Stride-2 convolution, padding (k - 1) // 2: (B, 2h, 2w, c), (k, k, c, f) -> (B, h, w, f)."""
   pad = (kernel.shape[0] - 1) // 2
@@ -122,12 +170,57 @@ def _conv_down_jvp(primals, tangents):
   x, kernel = primals
   x_dot, kernel_dot = tangents
   out = conv_down(x, kernel)
-  terms = ([] if isinstance(x_dot, SymbolicZero) else [_strided_by_phases(x_dot, kernel)]) + (
-      [] if isinstance(kernel_dot, SymbolicZero) else [_strided(x, kernel_dot)])
-  return out, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
+  terms = ([] if _zero(x_dot) else [_strided_by_phases(x_dot, kernel)]) + (
+      [] if _zero(kernel_dot) else [_strided(x, kernel_dot)])
+  return out, _sum(terms, out)
 
 
 conv_down.defjvp(_conv_down_jvp, symbolic_zeros=True)
+
+
+def _same(x, kernel):
+  """Stride-1 convolution, padding (k - 1) // 2: (B, H, W, c), (k, k, c, f) -> (B, H, W, f)."""
+  pad = (kernel.shape[0] - 1) // 2
+  return _conv(x, kernel, ((pad, pad), (pad, pad)))
+
+
+# _same(x, K) with K as the input, read as f images of c channels, and x as
+# the window, read as a kernel from c to B channels; its transpose in K (the
+# kernel gradient) then convolves the output gradient with x.
+_KERNEL_AS_INPUT = jax.lax.ConvDimensionNumbers((3, 2, 0, 1), (0, 3, 1, 2), (3, 0, 1, 2))
+
+
+def _same_in_kernel(x, kernel):
+  """_same(x, kernel) as a convolution of the kernel by x, both spatially reversed."""
+  k = kernel.shape[0]
+  pad = (k - 1) // 2
+  padding = [(side - k + pad, side - 1 - pad) for side in x.shape[1:3]]
+  return jax.lax.conv_general_dilated(jnp.flip(kernel, (0, 1)), jnp.flip(x, (1, 2)), (1, 1),
+                                      padding, dimension_numbers=_KERNEL_AS_INPUT)
+
+
+@jax.custom_jvp
+def conv_narrowing(x, kernel):
+  """_same for layers with fewer output than input channels (an image layer, 32 -> 3).
+
+  The tangent in the kernel is _same_in_kernel, so that the kernel gradient
+  convolves the output gradient with x: XLA's own kernel gradient would
+  first copy x with its batch axis innermost, a slow transpose of the
+  larger tensor.
+  """
+  return _same(x, kernel)
+
+
+def _conv_narrowing_jvp(primals, tangents):
+  x, kernel = primals
+  x_dot, kernel_dot = tangents
+  out = _same(x, kernel)
+  terms = ([] if _zero(x_dot) else [_same(x_dot, kernel)]) + (
+      [] if _zero(kernel_dot) else [_same_in_kernel(x, kernel_dot)])
+  return out, _sum(terms, out)
+
+
+conv_narrowing.defjvp(_conv_narrowing_jvp, symbolic_zeros=True)
 
 
 def conv(x, kernel, stride=1):
@@ -141,8 +234,9 @@ def conv(x, kernel, stride=1):
     return conv_down(x, kernel)
   if kernel.shape[0] == 1:
     return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:-1], kernel.shape[-1])
-  pad = (kernel.shape[0] - 1) // 2
-  return _conv(x, kernel, ((pad, pad), (pad, pad)))
+  if x.shape[-1] > kernel.shape[-1]:
+    return conv_narrowing(x, kernel)
+  return _same(x, kernel)
 
 
 class Conv(nn.Module):
@@ -179,7 +273,7 @@ class ConvTranspose(nn.Module):
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    return conv_transpose_by_phases(x, kernel) + bias
+    return conv_up(x, kernel) + bias
 
 
 class ResidualLayer(nn.Module):
@@ -189,6 +283,33 @@ class ResidualLayer(nn.Module):
   def __call__(self, x):
     h = nn.relu(Conv(x.shape[-1], 3, use_bias=False)(x))
     return x + Conv(x.shape[-1], 1, use_bias=False)(h)
+
+
+@jax.custom_jvp
+def concat_matmul(inputs, kernel):
+  """concatenate(inputs, -1) @ kernel: tuple of (B, n_i), (sum n_i, f) -> (B, f).
+
+  The tangent is one product per input with its rows of the kernel, so
+  reverse mode computes each input's gradient on its own and drops those
+  nobody uses (a mask's), instead of the whole concatenation's gradient.
+  """
+  return jnp.concatenate(inputs, axis=-1) @ kernel
+
+
+def _concat_matmul_jvp(primals, tangents):
+  inputs, kernel = primals
+  inputs_dot, kernel_dot = tangents
+  x = jnp.concatenate(inputs, axis=-1)
+  ends = np.cumsum([x_i.shape[-1] for x_i in inputs])
+  terms = [x_dot @ kernel[end - x_i.shape[-1]:end]
+           for x_i, x_dot, end in zip(inputs, inputs_dot, ends) if not _zero(x_dot)]
+  if not _zero(kernel_dot):
+    terms.append(x @ kernel_dot)
+  out = x @ kernel
+  return out, _sum(terms, out)
+
+
+concat_matmul.defjvp(_concat_matmul_jvp, symbolic_zeros=True)
 
 
 class Dense(nn.Module):
@@ -202,10 +323,10 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, *inputs):
-    x = jnp.concatenate(inputs, axis=-1)
-    kernel = self.param('kernel', nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+    width = sum(x.shape[-1] for x in inputs)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), (width, self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    return x @ kernel + bias
+    return concat_matmul(inputs, kernel) + bias
 
 
 def padded_side(side, num_down):

@@ -93,6 +93,28 @@ def _sum(terms, out):
   return sum(terms[1:], terms[0]) if terms else jnp.zeros_like(out)
 
 
+def _bilinear(x_tangent, kernel_tangent):
+  """Makes f(x, kernel), linear in each argument, a jax.custom_jvp function.
+
+  Its tangent is x_tangent(x_dot, kernel) + kernel_tangent(x, kernel_dot):
+  the same linear maps as f, written in the forms whose transposes (the
+  gradients) XLA runs fastest.
+  """
+  def make(f):
+    f = jax.custom_jvp(f)
+
+    def jvp(primals, tangents):
+      (x, kernel), (x_dot, kernel_dot) = primals, tangents
+      out = f(x, kernel)
+      terms = ([] if _zero(x_dot) else [x_tangent(x_dot, kernel)]) + (
+          [] if _zero(kernel_dot) else [kernel_tangent(x, kernel_dot)])
+      return out, _sum(terms, out)
+
+    f.defjvp(jvp, symbolic_zeros=True)
+    return f
+  return make
+
+
 def _dilated(x, kernel):
   """conv_transpose_by_phases as XLA's lhs-dilated convolution."""
   padding = up_padding(kernel.shape[0])
@@ -100,7 +122,7 @@ def _dilated(x, kernel):
                                       dimension_numbers=_NHWC)
 
 
-@jax.custom_jvp
+@_bilinear(_dilated, conv_transpose_by_phases)
 def conv_up(x, kernel):
   """`up`'s transposed convolution: (B, h, w, c), (k, k, c, f) -> (B, 2h, 2w, f).
 
@@ -114,18 +136,6 @@ def conv_up(x, kernel):
   if kernel.shape[-1] <= 4:
     return _dilated(x, kernel)
   return conv_transpose_by_phases(x, kernel)
-
-
-def _conv_up_jvp(primals, tangents):
-  x, kernel = primals
-  x_dot, kernel_dot = tangents
-  out = conv_up(x, kernel)
-  terms = ([] if _zero(x_dot) else [_dilated(x_dot, kernel)]) + (
-      [] if _zero(kernel_dot) else [conv_transpose_by_phases(x, kernel_dot)])
-  return out, _sum(terms, out)
-
-
-conv_up.defjvp(_conv_up_jvp, symbolic_zeros=True)
 
 
 def _strided(x, kernel):
@@ -152,7 +162,7 @@ def _strided_by_phases(x, kernel):
   return sum(terms[1:], terms[0])
 
 
-@jax.custom_jvp
+@_bilinear(_strided_by_phases, _strided)
 def conv_down(x, kernel):
   """`down`'s convolution, (B, 2h, 2w, c), (k, k, c, f) -> (B, h, w, f); sides must be even.
 
@@ -164,18 +174,6 @@ def conv_down(x, kernel):
   if x.shape[1] % 2 or x.shape[2] % 2:
     raise ValueError(f'conv_down needs even sides, got {x.shape}')
   return _strided(x, kernel)
-
-
-def _conv_down_jvp(primals, tangents):
-  x, kernel = primals
-  x_dot, kernel_dot = tangents
-  out = conv_down(x, kernel)
-  terms = ([] if _zero(x_dot) else [_strided_by_phases(x_dot, kernel)]) + (
-      [] if _zero(kernel_dot) else [_strided(x, kernel_dot)])
-  return out, _sum(terms, out)
-
-
-conv_down.defjvp(_conv_down_jvp, symbolic_zeros=True)
 
 
 def _same(x, kernel):
@@ -199,7 +197,7 @@ def _same_in_kernel(x, kernel):
                                       padding, dimension_numbers=_KERNEL_AS_INPUT)
 
 
-@jax.custom_jvp
+@_bilinear(_same, _same_in_kernel)
 def conv_narrowing(x, kernel):
   """_same for layers with fewer output than input channels (an image layer, 32 -> 3).
 
@@ -209,18 +207,6 @@ def conv_narrowing(x, kernel):
   larger tensor.
   """
   return _same(x, kernel)
-
-
-def _conv_narrowing_jvp(primals, tangents):
-  x, kernel = primals
-  x_dot, kernel_dot = tangents
-  out = _same(x, kernel)
-  terms = ([] if _zero(x_dot) else [_same(x_dot, kernel)]) + (
-      [] if _zero(kernel_dot) else [_same_in_kernel(x, kernel_dot)])
-  return out, _sum(terms, out)
-
-
-conv_narrowing.defjvp(_conv_narrowing_jvp, symbolic_zeros=True)
 
 
 def conv(x, kernel, stride=1):

@@ -81,7 +81,8 @@ def parse_case(name):
   family, method, shape, *conditioning = name.split('_')
   config = config_lib.base_config(family[:-1], method, family[-1])
   config.conditioning = conditioning[0] if conditioning else 'dense'
-  return config, tuple(int(side) for side in shape.split('x'))
+  shape = tuple(int(side) for side in shape.split('x'))
+  return config_lib.resolve_for_images(config, shape), shape
 
 
 def peak_memory_mib(run, steps):

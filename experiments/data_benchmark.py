@@ -49,6 +49,7 @@ def benchmark(config):
   if _STREAM.value:
     pipeline.IN_MEMORY_BYTES = 0
   run = train.setup(config)
+  config = run.config  # resolved for the loaded images
   batch_size, num_batches = config.train.batch_size, _BATCHES.value
   epochs = range(1, math.ceil((num_batches + 1) / (len(run.splits.train) // batch_size)) + 1)
   order = np.concatenate([pipeline.epoch_order(config.seed, epoch, len(run.splits.train),

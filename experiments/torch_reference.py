@@ -20,6 +20,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
+from mtvae_jax import config as config_lib
 from mtvae_jax import masks
 from mtvae_jax import methods
 from mtvae_jax.models import conditioning
@@ -345,7 +346,7 @@ class TrainStep:
   """
 
   def __init__(self, config, image_shape, compile=False, device='cpu'):  # pylint: disable=redefined-builtin
-    self.config = config
+    self.config = config = config_lib.resolve_for_images(config, image_shape)
     self.model = MODELS[config.model](config, image_shape).train().to(device)
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.learning_rate,
                                        weight_decay=config.train.weight_decay, eps=1e-8)

@@ -33,11 +33,8 @@ PRESETS = {
         3: dict(num_embeddings=256, embedding_dim=64, hidden_sizes=(128, 256), num_residual_layers=4),
     },
 }
-# Observed pixels for the fixed-count masks: a stride-2 grid on 8x8 digits, a stride-4 grid
-# elsewhere (7x7 on 28x28, 8x8 on 32x32, 16x16 on 64x64); the fallback serves sets of any size.
-DEFAULT_NUM_PIXELS = {'digits': 16, 'mnist': 49, 'fashion_mnist': 49, 'cifar10': 64,
-                      'celeb_a': 256}
-FALLBACK_NUM_PIXELS = 49
+# mask.num_pixels that stands for a grid of the loaded images' size (grid_num_pixels).
+GRID_NUM_PIXELS = -1
 # What a non-finite loss does: stop training, or leave the batch out and count it.
 NONFINITE_ACTIONS = ('stop', 'skip')
 # The smallest mask.gaussian_std: there the masks are already the few centre pixels, and far
@@ -78,7 +75,10 @@ def base_config(model, method, arg=None):
   config.mask = ml_collections.ConfigDict(dict(
       sampling=methods.METHODS[method].sampling,
       count=methods.METHODS[method].count,
-      num_pixels=DEFAULT_NUM_PIXELS.get(dataset, FALLBACK_NUM_PIXELS),
+      # The fixed count k; -1: one pixel per stride-2 block on images under 16 pixels a side,
+      # else per stride-4 block (16 on 8x8, 49 on 28x28, 64 on 32x32, 256 on 64x64 images),
+      # resolved when the data are loaded (resolve_for_images).
+      num_pixels=GRID_NUM_PIXELS,
       power_law_exponent=40.0,
       gaussian_std=0.25,
       # count='log_uniform': up to this fraction of the pixels. sampling / count = 'mixture':
@@ -169,6 +169,7 @@ POSITIVE = (lambda value: 0 < value < math.inf), 'use a finite number > 0'
 FINITE = (lambda value: math.isfinite(value)), 'use a finite number'
 SEED = (lambda value: is_integer(value) and 0 <= value < 2**32), 'use an integer from 0 to 2**32 - 1'
 FRACTION = (lambda value: 0 < value < 1), 'use a value in (0, 1)'
+NUM_PIXELS_ALLOWED = 'use a count from 0 to {count}, or -1 for a grid of the image size'
 
 
 def batch_fits(num_train):
@@ -219,7 +220,8 @@ def validate(config):
       'mask.gaussian_std': at_least(
           MIN_GAUSSIAN_STD, f'use a number >= {MIN_GAUSSIAN_STD} (a fraction of the image side)',
           integer=False),
-      'mask.num_pixels': at_least(0, 'use a count from 0 to the number of pixels of an image'),
+      'mask.num_pixels': at_least(GRID_NUM_PIXELS, NUM_PIXELS_ALLOWED.format(
+          count='the number of pixels of an image')),
       'data.validation_fraction': FRACTION,
       'data.test_fraction': FRACTION,
       'data.crop_size': NATURAL,
@@ -245,11 +247,26 @@ def validate(config):
   })
 
 
+def grid_num_pixels(height, width):
+  """The default fixed count of (H, W) images: one pixel per s x s block, s = 2 on images under
+  16 pixels a side, else 4 (the exact masks then form the grid of stride s)."""
+  stride = 2 if min(height, width) < 16 else 4
+  return height * width // stride ** 2
+
+
+def resolve_for_images(config, image_shape):
+  """A copy of `config` whose defaults that depend on the images, of (H, W, C) `image_shape`,
+  are set: mask.num_pixels=-1 becomes grid_num_pixels. Explicit values are kept."""
+  config = config.copy_and_resolve_references()
+  if config.mask.num_pixels == GRID_NUM_PIXELS:
+    config.mask.num_pixels = grid_num_pixels(*image_shape[:2])
+  return config
+
+
 def validate_for_data(config, splits):
-  """Checks the keys that depend on the loaded images."""
+  """Checks the keys that depend on the loaded images, of a config resolved for them."""
   height, width, _ = splits.train.shape[1:]
   check(config, {
-      'mask.num_pixels': ((lambda value: value <= height * width),
-                          f'use a count from 0 to {height * width}, the pixels of a '
-                          f'{height}x{width} image'),
+      'mask.num_pixels': ((lambda value: 0 <= value <= height * width), NUM_PIXELS_ALLOWED.format(
+          count=f'{height * width} (the pixels of {height}x{width} images)')),
       'train.batch_size': batch_fits(len(splits.train))})

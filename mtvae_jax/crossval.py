@@ -121,7 +121,10 @@ def cross_validate(config, workdir, num_folds):
     fold_config.data.fold = index
     print(f'fold {index + 1} of {num_folds}', flush=True)
     folds.append(train.train_and_evaluate(fold_config, workdir / f'fold_{index}'))
-  summary = summarize(config, folds)
+  # The config as the folds ran it, resolved for the loaded images (config.json of fold 0).
+  resolved = workdir_lib.load_config(workdir / 'fold_0')
+  resolved.data.fold = config.data.fold
+  summary = summarize(resolved, folds)
   workdir_lib.write_json(workdir / SUMMARY, summary)
   workdir_lib.write_text(workdir / TABLE, markdown_table([summary]))
   return summary

@@ -188,17 +188,12 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
 
   summarize(test metrics, best epoch, its validation objective) -> the
   content of metrics.json. num_workers: processes that decode a streamed
-  split (data.pipeline). Raises UserError for a workdir that cannot be
-  written or that another process trains in (its lock), a non-finite metric
-  ('stop' mode) or SIGTERM/SIGINT (after checkpointing).
+  split (data.pipeline). The caller holds the workdir's lock
+  (workdir.writer_lock). Raises UserError for a workdir that cannot be
+  written, a non-finite metric ('stop' mode) or SIGTERM/SIGINT (after
+  checkpointing).
   """
   workdir = pathlib.Path(workdir).absolute()
-  with workdir_lib.locked(workdir) if parallel.is_writer() else contextlib.nullcontext():
-    return _fit(task, config, workdir, summarize, num_workers)
-
-
-def _fit(task, config, workdir, summarize, num_workers):
-  """fit, with the workdir's lock held by the writing process."""
   state, splits, train_config = task.state, task.splits, config.train
   resume = (workdir / workdir_lib.CONFIG).exists()
   writes = parallel.is_writer()

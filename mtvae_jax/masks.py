@@ -191,8 +191,11 @@ def mask_fn(mask_config, count=None):
   """A `key, (H, W) -> mask` function from the config's `mask` section.
 
   `count` overrides `mask_config.count` (evaluation always uses the fixed
-  count `mask_config.num_pixels`).
+  count `mask_config.num_pixels`, which config.resolve_for_images sets for the images).
   """
+  if mask_config.num_pixels < 0:
+    raise ValueError(f'mask.num_pixels={mask_config.num_pixels} stands for a grid of the image '
+                     'size: resolve the config for the images first (config.resolve_for_images)')
   mixture = mask_config.mixture
   return functools.partial(
       sample_mask,

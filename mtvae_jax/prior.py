@@ -12,7 +12,7 @@ SIGTERM/SIGINT and writes from one process alike. A VQ run's directory
 receives prior/, a work directory (workdir.py) with:
   config.json     the prior's config
   history.jsonl   one line per epoch: train/ and val/ bits_per_code, skipped_steps,
-                  seconds, images_per_s (codes per second)
+                  seconds, images_per_s (code grids per second, timed as train.py's)
   events.out.tfevents.*  the same scalars, for TensorBoard
   checkpoints/best/    orbax checkpoint of the best epoch by validation bits per code
   checkpoints/latest/  the last few full training states, for resuming
@@ -86,13 +86,13 @@ def create_prior_state(config, model, grid, key):
   return jax.jit(init, out_shardings=parallel.replicated())(key)
 
 
-def load_vq_run(workdir):
-  """The finished VQ-VAE run of `workdir` (train.load_run); any other model is a UserError."""
-  model = workdir_lib.load_config(workdir).model
-  if model != 'vq':
-    raise UserError(f"workdir '{workdir}' holds a run of model={model}: the prior is learned "
-                    'over the codes of a VQ-VAE run (model=vq)')
-  return train.load_run(workdir)
+def vq_run_config(workdir):
+  """The config of the finished VQ-VAE run of `workdir`; any other model is a UserError."""
+  config = workdir_lib.load_config(workdir)
+  if config.model != 'vq':
+    raise UserError(f"workdir '{workdir}' holds a run of model={config.model}: the prior is "
+                    'learned over the codes of a VQ-VAE run (model=vq)')
+  return config
 
 
 @functools.partial(jax.jit, static_argnames=('model', 'method'))
@@ -162,18 +162,25 @@ def train_prior(config, workdir) -> dict:
 
   A prior/ holding a finished prior of the same config is kept and its
   metrics returned; one of an unfinished prior of the same config is resumed.
-  Raises UserError for a bad config, a missing or unfinished run, a run of
-  another model, a prior/ of another config, a non-finite loss or
+  prior/'s lock (workdir.writer_lock) is held from the start. Raises
+  UserError for a bad config, a missing or unfinished run, a run of another
+  model, a prior/ in use or of another config, a non-finite loss or
   SIGTERM/SIGINT (after checkpointing).
   """
   validate(config)
+  parallel.initialize(vq_run_config(workdir).distributed)
   prior_dir = pathlib.Path(workdir).absolute() / PRIOR_DIR
-  finished = workdir_lib.finished_run(config, prior_dir)
-  if finished is not None:
-    print(f'{prior_dir} holds a finished prior of this config; its metrics.json is kept: '
-          f'{loop.format_metrics(finished)}')
-    return finished
-  run = load_vq_run(workdir)
+  with workdir_lib.writer_lock(prior_dir):
+    finished = workdir_lib.finished_run(config, prior_dir)
+    if finished is not None:
+      print(f'{prior_dir} holds a finished prior of this config; its metrics.json is kept: '
+            f'{loop.format_metrics(finished)}')
+      return finished
+    return _train_prior(config, train.load_run(workdir), prior_dir)
+
+
+def _train_prior(config, run, prior_dir):
+  """train_prior's training over the codes of the VQ-VAE `run`, prior_dir's lock held."""
   config_lib.check(config, {'train.batch_size': config_lib.batch_fits(len(run.splits.train))})
   codes = run.splits._make(encode_codes(run, images, config.train.batch_size)
                            for images in run.splits)

@@ -1,15 +1,18 @@
 """The VAE's training: config -> data -> model -> train state -> jitted steps -> loop.fit.
 
 The run's work directory (workdir.py) receives:
-  config.json     the resolved config
+  config.json     the config, resolved for the loaded images (mask.num_pixels)
   history.jsonl   one line per epoch: train/ and val/ metrics, weights/, skipped_steps,
-                  seconds, images_per_s
+                  seconds (of training, compiling included), images_per_s (training images
+                  per second from the end of the epoch's first step, which compiles in the
+                  first epoch a process runs; absent from an epoch of a single step)
   events.out.tfevents.*  the same scalars and an image grid now and then, for TensorBoard
   checkpoints/best/    orbax checkpoint of the best epoch by validation loss
   checkpoints/latest/  the last few full training states, for resuming
   metrics.json    test metrics of the best checkpoint
 """
 import functools
+import pathlib
 from typing import Any, NamedTuple
 
 from flax.training import train_state
@@ -161,16 +164,31 @@ class Run(NamedTuple):
   eval_key: jax.Array
 
 
+def load_data(config):
+  """(config, splits): the data of a validated config, and the config resolved for its images
+  (config_lib.resolve_for_images) and checked against them."""
+  parallel.initialize(config.distributed)
+  parallel.check_batch_size(config.train.batch_size)
+  splits = data.load(config.data, config.seed)
+  config = config_lib.resolve_for_images(config, splits.train.shape[1:])
+  config_lib.validate_for_data(config, splits)
+  return config, splits
+
+
 def setup(config) -> Run:
   """Data, model and initial state for a validated config (deterministic by config.seed).
+
+  Run.config is the config resolved for the loaded images (load_data).
+  """
+  return build_run(*load_data(config))
+
+
+def build_run(config, splits) -> Run:
+  """Model and initial state for `config` and its `splits` (load_data).
 
   The state and keys are replicated on every device; the batch size must
   split evenly over the devices.
   """
-  parallel.initialize(config.distributed)
-  parallel.check_batch_size(config.train.batch_size)
-  splits = data.load(config.data, config.seed)
-  config_lib.validate_for_data(config, splits)
   image_shape = splits.train.shape[1:]
   model = models.build_model(config, image_shape)
   keys = jax.jit(lambda: jax.random.split(jax.random.key(config.seed), 3),
@@ -189,21 +207,31 @@ def load_run(workdir) -> Run:
 def train_and_evaluate(config, workdir) -> dict:
   """Trains config's model, keeps the best epoch by validation loss, returns its test metrics.
 
-  Writes config.json, history.jsonl, checkpoints/ and metrics.json into `workdir`.
-  Rerunning on the workdir of an unfinished run of the same config resumes it
-  from its latest checkpoint and ends with the same metrics as an
-  uninterrupted run (loop.fit). Raises UserError for a bad config, bad data, a
-  workdir of another config, a non-finite loss ('stop' mode) or SIGTERM/SIGINT
-  (after checkpointing).
+  Writes config.json (the config resolved for the loaded images), history.jsonl,
+  checkpoints/ and metrics.json into `workdir`, holding its lock
+  (workdir.writer_lock) from the start. Rerunning on the workdir of an
+  unfinished run of the same config resumes it from its latest checkpoint and
+  ends with the same metrics as an uninterrupted run (loop.fit). Raises
+  UserError for a bad config, a workdir in use or of another config, bad
+  data, a non-finite loss ('stop' mode) or SIGTERM/SIGINT (after
+  checkpointing).
   """
   config_lib.validate(config)
-  finished = workdir_lib.finished_run(config, workdir)
-  if finished is not None:
-    print(f'{workdir} holds a finished run of this config; its metrics.json is kept: '
-          f'{loop.format_metrics(finished)}')
-    return finished
-  run = setup(config)  # loads the data and checks the keys that depend on it
-  splits = run.splits
+  parallel.initialize(config.distributed)
+  workdir = pathlib.Path(workdir).absolute()
+  with workdir_lib.writer_lock(workdir):
+    config, splits = load_data(config)
+    finished = workdir_lib.finished_run(config, workdir)
+    if finished is not None:
+      print(f'{workdir} holds a finished run of this config; its metrics.json is kept: '
+            f'{loop.format_metrics(finished)}')
+      return finished
+    return _train(build_run(config, splits), workdir)
+
+
+def _train(run, workdir):
+  """train_and_evaluate's training of a new or unfinished `run`, the workdir's lock held."""
+  config, splits = run.config, run.splits
   num_params = sum(x.size for x in jax.tree.leaves(run.state.params))
   print(f'{config.model} VAE, method {config.method}: {num_params:,} parameters; data '
         f'{config.data.name} {splits.train.shape[1:]}: {len(splits.train)} train, '

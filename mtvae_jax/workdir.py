@@ -20,6 +20,7 @@ import shutil
 import tempfile
 
 from mtvae_jax import config as config_lib
+from mtvae_jax import parallel
 from mtvae_jax.errors import UserError
 
 CONFIG = 'config.json'
@@ -82,6 +83,12 @@ def locked(workdir):
     yield
   finally:
     os.close(fd)
+
+
+def writer_lock(workdir):
+  """locked(workdir) in the process that writes the files (parallel.is_writer, after
+  parallel.initialize), nothing in the others."""
+  return locked(workdir) if parallel.is_writer() else contextlib.nullcontext()
 
 
 def write_json(path, data):

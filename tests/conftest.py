@@ -20,13 +20,16 @@ from mtvae_jax.data import pipeline
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TRAIN_IMAGES = 1455  # digits
 STEPS_PER_EPOCH = 22  # 1455 digits training images in batches of 64
+DIGITS_SHAPE = (8, 8, 1)
 
 VARIANTS = [(model, method) for model in ('gaussian', 'vq') for method in ('none', 'multi', 'single')]
 
 
 def small_config(model, method, num_epochs=2):
-  """A thesis config with narrow layers, for tests: same code paths, little compute."""
-  config = config_lib.base_config(model, method, 'digits')
+  """A thesis config with narrow layers, for tests: same code paths, little compute; resolved for
+  the digits' 8x8 images (mask.num_pixels=16)."""
+  config = config_lib.resolve_for_images(config_lib.base_config(model, method, 'digits'),
+                                         DIGITS_SHAPE)
   config.gaussian.hidden_sizes = (8, 16)
   config.gaussian.latent_dim = 4
   config.vq.hidden_sizes = (8, 16)

@@ -9,7 +9,9 @@ from absl import app
 from absl import flags
 
 from experiments import cli
+from mtvae_jax import config as config_lib
 from mtvae_jax import evaluation
+from mtvae_jax import loop
 
 _BASELINE = flags.DEFINE_string(
     'baseline', None, 'A finished run of the same model and data to compare with (method none).')
@@ -23,7 +25,7 @@ def main(argv):
   results = cli.run(evaluation.evaluate_run, cli.WORKDIR.value, _BASELINE.value,
                     _NUM_SAMPLES.value)
   for name, result in results.items():
-    print(f'{name}: {result}')
+    print(f'{name}: {loop.format_metrics(config_lib.flatten(result))}')
   print(f'wrote {cli.WORKDIR.value}/{evaluation.FIGURES_DIR}/')
 
 

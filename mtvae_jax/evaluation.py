@@ -188,14 +188,15 @@ def evaluate_run(workdir, baseline=None, num_samples=32):
   if num_samples < 2:
     raise UserError(f'--num_samples={num_samples} is not allowed: use an integer >= 2')
   workdir = pathlib.Path(workdir)
-  run = train.load_run(workdir)
-  config, metrics = run.config, workdir_lib.read_json(workdir / workdir_lib.METRICS)
+  config = workdir_lib.load_config(workdir)
   histories = {f'{config.method} (this run)': workdir_lib.read_history(workdir)}
   baseline_metrics = None
-  if baseline is not None:
+  if baseline is not None:  # checked before the run is loaded, which takes a while
     baseline_config, baseline_metrics = load_baseline(baseline)
     check_baseline(config, baseline_config, baseline)
     histories[f'{baseline_config["method"]} (baseline)'] = workdir_lib.read_history(baseline)
+  run = train.load_run(workdir)
+  metrics = workdir_lib.read_json(workdir / workdir_lib.METRICS)
   out = workdir / FIGURES_DIR
   out.mkdir(exist_ok=True)
 

@@ -176,11 +176,18 @@ def _batch_spec(images, batch_size):
 
 
 def format_metrics(metrics):
-  """One line of {name: number}: 'loss', then the other losses, then the rest, each by name;
-  floats with 4 significant digits."""
+  """One line of {name: value}: 'loss', then the other losses, then the rest, each by name;
+  floats with 4 significant digits, also inside lists."""
   order = sorted(metrics, key=lambda name: (name != 'loss', not name.endswith('loss'), name))
-  return ' '.join(f'{name}={metrics[name]:.4g}' if isinstance(metrics[name], float)
-                  else f'{name}={metrics[name]}' for name in order)
+  return ' '.join(f'{name}={_format_value(metrics[name])}' for name in order)
+
+
+def _format_value(value):
+  if isinstance(value, float):
+    return f'{value:.4g}'
+  if isinstance(value, (list, tuple)):
+    return '[' + ', '.join(map(_format_value, value)) + ']'
+  return str(value)
 
 
 def fit(task, config, workdir, summarize, num_workers=0) -> dict:
@@ -255,6 +262,8 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
                                                leave=False, disable=None, file=sys.stderr),
                                      start=first_step + 1):
           state, sums, health = train_fn(state, sums, health, batch, task.train_key)
+          if step == first_step + 1:  # the first step may have compiled: time the rest
+            timed_from = time.perf_counter()
           due = every and step < steps_per_epoch and ((epoch - 1) * steps_per_epoch + step) % every == 0
           stopping = stop.requested(step)
           if stopping or due:
@@ -267,7 +276,10 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
         totals = jax.device_get(sums)
         train_metrics = {name: float(totals[name] / max(totals['steps'], 1))
                          for name in metric_names}
-        seconds = time.perf_counter() - start
+        end = time.perf_counter()
+        seconds = end - start
+        throughput = {'images_per_s': (len(order) - 1) * batch_size / (end - timed_from)
+                      } if len(order) > 1 else {}
         val_metrics = evaluate(eval_fn, state, val_data, batch_size, task.eval_key, num_workers,
                                task.eval_metrics)
         extras = {group: {name: float(value) for name, value in values.items()}
@@ -277,7 +289,7 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
                   **{f'val/{k}': v for k, v in val_metrics.items()},
                   **{f'{group}/{k}': v for group, values in extras.items() for k, v in values.items()},
                   'skipped_steps': int(host_health['skipped']),
-                  'seconds': seconds, 'images_per_s': len(order) * batch_size / seconds}
+                  'seconds': seconds, **throughput}
         if writes:
           history.append(record)
         writer.write(record, state)
@@ -286,10 +298,10 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
           checkpoints.save_best(best_checkpoints, epoch, state)
         sums = zero_sums()
         save_latest(epoch + 1, 0)
-        print(f'epoch {epoch}: train {format_metrics(train_metrics)} | '
-              f'val {format_metrics(val_metrics)} | '
-              + ''.join(f'{group} {format_metrics(values)} | ' for group, values in extras.items())
-              + f'{record["images_per_s"]:.0f} images/s', flush=True)
+        print(f'epoch {epoch}: ' + ' | '.join([
+            f'train {format_metrics(train_metrics)}', f'val {format_metrics(val_metrics)}',
+            *(f'{group} {format_metrics(values)}' for group, values in extras.items()),
+            *(f'{rate:.0f} images/s' for rate in throughput.values())]), flush=True)
   finally:  # an exception must not lose a checkpoint still being written
     best_checkpoints.wait_until_finished()
     latest_checkpoints.wait_until_finished()

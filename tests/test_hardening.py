@@ -5,29 +5,43 @@ import json
 import math
 import os
 import re
+import time
 import types
 
 import numpy as np
 import pytest
 
 from conftest import run_main
+from conftest import small_config
 from mtvae_jax import checkpoints
 from mtvae_jax import config as config_lib
 from mtvae_jax import crossval
+from mtvae_jax import data
+from mtvae_jax import evaluation
 from mtvae_jax import events
 from mtvae_jax import generate
 from mtvae_jax import loop
+from mtvae_jax import prior
 from mtvae_jax import thesis_report
 from mtvae_jax import train
 from mtvae_jax import workdir
 from mtvae_jax.errors import UserError
 
 
-def test_a_run_on_a_locked_workdir_is_refused_naming_the_holder(make_config, tmp_path):
+def test_a_run_or_prior_on_a_locked_workdir_is_refused_at_once_naming_the_holder(
+    make_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(data, 'load', lambda *args: pytest.fail('data loaded for a locked workdir'))
   with workdir.locked(tmp_path):
     with pytest.raises(UserError, match=f'is in use by process {os.getpid()}:'):
       train.train_and_evaluate(make_config('gaussian', 'none'), tmp_path)
   assert not (tmp_path / 'config.json').exists()
+  vq_run = tmp_path / 'vq'  # a finished VQ-VAE run, as far as its files say
+  vq_run.mkdir()
+  (vq_run / 'config.json').write_text(make_config('vq', 'none').to_json_best_effort())
+  (vq_run / 'metrics.json').write_text('{}')
+  with workdir.locked(vq_run / prior.PRIOR_DIR):
+    with pytest.raises(UserError, match=f'is in use by process {os.getpid()}:'):
+      prior.train_prior(prior.default_config(), vq_run)
 
 
 def test_a_stale_lock_of_a_process_gone_is_taken_over(tmp_path):
@@ -194,3 +208,87 @@ def test_the_thesis_report_reads_fold_files_as_the_runs_do(tmp_path):
   (tmp_path / 'fold_0' / 'metrics.json').write_text('')
   with pytest.raises(UserError, match="metrics.json' is damaged"):
     thesis_report.fold_metrics(tmp_path)
+
+
+COMPILE_SECONDS = 1000.0  # what the first train step of idx_run takes on the loop's clock
+
+
+@pytest.fixture(scope='module')
+def idx_run(tmp_path_factory):
+  """(config, workdir) of a finished 1-epoch run on 12x12 IDX images with mask.num_pixels=-1,
+  whose compiling train step took COMPILE_SECONDS more on the training loop's clock."""
+  from test_data import write_idx
+  folder, run_dir = tmp_path_factory.mktemp('idx'), tmp_path_factory.mktemp('idx_run')
+  rng = np.random.default_rng(0)
+  write_idx(folder / 'train-images-idx3-ubyte.gz', rng.integers(0, 256, (120, 12, 12)))
+  write_idx(folder / 't10k-images-idx3-ubyte.gz', rng.integers(0, 256, (20, 12, 12)))
+  config = small_config('gaussian', 'multi', num_epochs=1)
+  config.mask.num_pixels = config_lib.GRID_NUM_PIXELS
+  config.data.update(name='idx', path=str(folder))
+  config.train.batch_size = 32  # 108 training images: 3 steps
+  offset = [0.0]
+  guarded_step = loop.guarded_step
+
+  def slow_to_compile(*args, **kwargs):  # runs once per compilation, while jit traces
+    offset[0] += COMPILE_SECONDS
+    return guarded_step(*args, **kwargs)
+
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(loop, 'guarded_step', slow_to_compile)
+    patch.setattr(loop, 'time', types.SimpleNamespace(
+        perf_counter=lambda: time.perf_counter() + offset[0]))
+    train.train_and_evaluate(config, run_dir)
+  return config, run_dir
+
+
+def test_the_default_mask_count_is_a_grid_of_the_images_loaded_and_recorded(idx_run, capsys):
+  config, run_dir = idx_run
+  assert workdir.read_json(run_dir / 'config.json')['mask']['num_pixels'] == 36  # 12x12 / 2x2
+  metrics = workdir.read_json(run_dir / 'metrics.json')
+  assert train.train_and_evaluate(config, run_dir) == metrics  # the same config: kept
+  assert 'its metrics.json is kept' in capsys.readouterr().out
+  (run_dir / 'metrics.json').unlink()  # unfinished: the same config resumes
+  assert train.train_and_evaluate(config, run_dir) == metrics
+  explicit = config.copy_and_resolve_references()
+  explicit.mask.num_pixels = 10
+  with pytest.raises(UserError, match='differs at mask.num_pixels'):
+    train.train_and_evaluate(explicit, run_dir)
+
+
+@pytest.mark.parametrize('side, count', [(8, 16), (12, 36), (28, 49), (32, 64), (64, 256)])
+def test_a_grid_count_follows_the_image_size_and_an_explicit_count_is_kept(side, count):
+  config = config_lib.base_config('vq', 'multi', 'digits')
+  assert config.mask.num_pixels == config_lib.GRID_NUM_PIXELS
+  resolved = config_lib.resolve_for_images(config, (side, side, 1))
+  assert resolved.mask.num_pixels == count and config.mask.num_pixels == -1
+  config.mask.num_pixels = 10
+  assert config_lib.resolve_for_images(config, (side, side, 1)).mask.num_pixels == 10
+
+
+def test_the_compiling_step_is_left_out_of_images_per_s(idx_run):
+  (record,) = workdir.read_history(idx_run[1])
+  assert record['seconds'] > COMPILE_SECONDS  # the epoch's time includes the compilation
+  # 96 images in over COMPILE_SECONDS would be under 0.1 images/s
+  assert record['images_per_s'] > 1.0
+
+
+def test_evaluate_refuses_a_baseline_of_another_test_split_before_loading_the_run(
+    make_config, tmp_path, monkeypatch):
+  monkeypatch.setattr(train, 'load_run', lambda *args: pytest.fail('run loaded before the check'))
+  for name, seed in (('run', 0), ('baseline', 1)):
+    config = make_config('gaussian', 'multi')
+    config.seed = seed
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'config.json').write_text(config.to_json_best_effort())
+    (tmp_path / name / 'metrics.json').write_text('{"recon_loss": 0.1}')
+    (tmp_path / name / 'history.jsonl').write_text('{"epoch": 1}\n')
+  with pytest.raises(UserError, match='^--baseline=.* differs from the run at seed: use') as e:
+    evaluation.evaluate_run(tmp_path / 'run', tmp_path / 'baseline')
+  assert '\n' not in str(e.value)
+
+
+def test_results_print_as_one_line_of_4_significant_digits():
+  curve = {'num_pixels': [0, 1], 'errors': {'exact': [0.123456789012, 0.0123456789]},
+           'unconditioned': 0.98765432101, 'baseline': None}
+  assert loop.format_metrics(config_lib.flatten(curve)) == (
+      'baseline=None errors.exact=[0.1235, 0.01235] num_pixels=[0, 1] unconditioned=0.9877')

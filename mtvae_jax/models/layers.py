@@ -21,6 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 LEAKY_SLOPE = 0.01
+# Layers with at most this many output channels (an image's) get forms of
+# their own, as XLA's kernels are slow for so few channels.
+IMAGE_CHANNELS = 4
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -54,6 +57,20 @@ def _conv(x, kernel, padding, stride=1):
                                       dimension_numbers=_NHWC)
 
 
+# _conv(x, K) with K as the input, read as f images of c channels, and x as
+# the window, read as a kernel from c to B channels; its transpose in K (the
+# kernel gradient) then convolves the output gradient with x.
+_KERNEL_AS_INPUT = jax.lax.ConvDimensionNumbers((3, 2, 0, 1), (0, 3, 1, 2), (3, 0, 1, 2))
+
+
+def _conv_in_kernel(x, kernel, padding):
+  """_conv(x, kernel, padding) (stride 1) as a convolution of the kernel by x, both reversed."""
+  padding = [(side - taps + low, side - taps + high)
+             for side, taps, (low, high) in zip(x.shape[1:3], kernel.shape[:2], padding)]
+  return jax.lax.conv_general_dilated(jnp.flip(kernel, (0, 1)), jnp.flip(x, (1, 2)), (1, 1),
+                                      padding, dimension_numbers=_KERNEL_AS_INPUT)
+
+
 def _taps(kernel, shift):
   """The taps t of one kernel axis with t + shift even, read at input offsets (t + shift) / 2.
 
@@ -67,7 +84,7 @@ def _taps(kernel, shift):
   return first, (-((first + shift) // 2), (last + shift) // 2)
 
 
-def conv_transpose_by_phases(x, kernel):
+def conv_transpose_by_phases(x, kernel, convolve=_conv):
   """`up`'s transposed convolution as four stride-1 convolutions, one per output phase.
 
   x: (B, h, w, c), kernel: (k, k, c, f) as nn.ConvTranspose holds it, k in
@@ -79,7 +96,7 @@ def conv_transpose_by_phases(x, kernel):
   batch, height, width, _ = x.shape
   low = up_padding(kernel.shape[0])[0]
   phases = [_taps(kernel.shape[0], r - low) for r in (0, 1)]
-  rows = [jnp.stack([_conv(x, kernel[ty::2, tx::2], (py, px)) for tx, px in phases], axis=3)
+  rows = [jnp.stack([convolve(x, kernel[ty::2, tx::2], (py, px)) for tx, px in phases], axis=3)
           for ty, py in phases]
   return jnp.stack(rows, axis=2).reshape(batch, 2 * height, 2 * width, kernel.shape[-1])
 
@@ -122,7 +139,13 @@ def _dilated(x, kernel):
                                       dimension_numbers=_NHWC)
 
 
-@_bilinear(_dilated, conv_transpose_by_phases)
+def _up_kernel_tangent(x, kernel):
+  """conv_transpose_by_phases, with each phase as _conv_in_kernel for an image's few channels."""
+  return conv_transpose_by_phases(
+      x, kernel, _conv_in_kernel if kernel.shape[-1] <= IMAGE_CHANNELS else _conv)
+
+
+@_bilinear(_dilated, _up_kernel_tangent)
 def conv_up(x, kernel):
   """`up`'s transposed convolution: (B, h, w, c), (k, k, c, f) -> (B, 2h, 2w, f).
 
@@ -133,7 +156,7 @@ def conv_up(x, kernel):
   the tangent in the kernel is by phases, whose transposes are much faster
   kernel gradients than the lhs-dilated form's.
   """
-  if kernel.shape[-1] <= 4:
+  if kernel.shape[-1] <= IMAGE_CHANNELS:
     return _dilated(x, kernel)
   return conv_transpose_by_phases(x, kernel)
 
@@ -176,30 +199,22 @@ def conv_down(x, kernel):
   return _strided(x, kernel)
 
 
+def _same_padding(kernel):
+  return (((kernel.shape[0] - 1) // 2,) * 2,) * 2
+
+
 def _same(x, kernel):
   """Stride-1 convolution, padding (k - 1) // 2: (B, H, W, c), (k, k, c, f) -> (B, H, W, f)."""
-  pad = (kernel.shape[0] - 1) // 2
-  return _conv(x, kernel, ((pad, pad), (pad, pad)))
-
-
-# _same(x, K) with K as the input, read as f images of c channels, and x as
-# the window, read as a kernel from c to B channels; its transpose in K (the
-# kernel gradient) then convolves the output gradient with x.
-_KERNEL_AS_INPUT = jax.lax.ConvDimensionNumbers((3, 2, 0, 1), (0, 3, 1, 2), (3, 0, 1, 2))
+  return _conv(x, kernel, _same_padding(kernel))
 
 
 def _same_in_kernel(x, kernel):
-  """_same(x, kernel) as a convolution of the kernel by x, both spatially reversed."""
-  k = kernel.shape[0]
-  pad = (k - 1) // 2
-  padding = [(side - k + pad, side - 1 - pad) for side in x.shape[1:3]]
-  return jax.lax.conv_general_dilated(jnp.flip(kernel, (0, 1)), jnp.flip(x, (1, 2)), (1, 1),
-                                      padding, dimension_numbers=_KERNEL_AS_INPUT)
+  return _conv_in_kernel(x, kernel, _same_padding(kernel))
 
 
 @_bilinear(_same, _same_in_kernel)
-def conv_narrowing(x, kernel):
-  """_same for layers with fewer output than input channels (an image layer, 32 -> 3).
+def conv_to_image(x, kernel):
+  """_same for a layer with an image's few output channels (32 -> 3).
 
   The tangent in the kernel is _same_in_kernel, so that the kernel gradient
   convolves the output gradient with x: XLA's own kernel gradient would
@@ -220,8 +235,8 @@ def conv(x, kernel, stride=1):
     return conv_down(x, kernel)
   if kernel.shape[0] == 1:
     return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:-1], kernel.shape[-1])
-  if x.shape[-1] > kernel.shape[-1]:
-    return conv_narrowing(x, kernel)
+  if kernel.shape[-1] <= IMAGE_CHANNELS:
+    return conv_to_image(x, kernel)
   return _same(x, kernel)
 
 

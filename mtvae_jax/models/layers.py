@@ -92,6 +92,7 @@ def conv_transpose_by_phases(x, kernel, convolve=_conv):
   x[i + (t + r - low) / 2] K[t] over the taps t of parity (r + low) % 2, so
   each phase (r, s) is a plain convolution of x with every other tap, and
   no multiply touches an inserted zero; the phases are then interleaved.
+  convolve(x, taps, padding) is that plain convolution (_conv or a form of it).
   """
   batch, height, width, _ = x.shape
   low = up_padding(kernel.shape[0])[0]
@@ -229,7 +230,8 @@ def conv(x, kernel, stride=1):
 
   x: (B, H, W, c), kernel: (k, k, c, f) -> (B, H / stride, W / stride, f).
   Stride 2 is conv_down; a 1x1 kernel runs as a matrix product, whose
-  kernel gradient XLA's CPU backend runs faster than a 1x1 convolution's.
+  kernel gradient XLA's CPU backend runs faster than a 1x1 convolution's;
+  a layer with an image's few output channels is conv_to_image.
   """
   if stride == 2:
     return conv_down(x, kernel)

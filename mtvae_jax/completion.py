@@ -10,8 +10,14 @@ m (method none). Latents z come from
 
   prior:      z ~ p(z), ignoring what the observed pixels say about z;
   posterior:  z ~ p(z | x_obs) ∝ p(z) N(x_obs; f(z, m)_obs, s_obs^2), in two stages:
-              importance resampling (proposals from p(z) weighted by the
-              likelihood), then MCMC moves that leave the posterior invariant:
+              importance resampling, then MCMC moves that leave the posterior
+              invariant. The proposals are a mixture, half from p(z) and half
+              near the encodings of the training images closest to x on its
+              observed pixels (Settings.neighbours of them: Gaussian runs
+              draw from the encoder's q(z | x_j), VQ runs take the encoder's
+              codes of x_j), weighted by p(z) likelihood / mixture density,
+              so the resampled z follow the posterior whichever half fits
+              the observed pixels. The MCMC moves:
                 Gaussian runs: MALA (Langevin proposals with a Metropolis test),
                   the step size tuned per image towards an acceptance rate of
                   0.574 during the first half of the steps;
@@ -31,6 +37,7 @@ Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
 """
 import functools
+import math
 import pathlib
 from typing import Any, Callable, NamedTuple
 
@@ -50,14 +57,17 @@ VALUE_RANGE = (0.0, 1.0)    # the data loaders' range, and the decoders' (a sigm
 CACHE_DIR = 'completion'
 NOISE_IMAGES = 2048          # validation images behind the noise scales
 POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
+SEARCH_VALUES = 2 ** 26      # at most this many pixel values of training images are searched
 TARGET_ACCEPTANCE = 0.574    # MALA's optimal acceptance rate (Roberts and Rosenthal, 1998)
 ADAPTATION_RATE = 2.0        # change of log step size per step, per unit of acceptance error
 
 
 class Settings(NamedTuple):
-  """Sampler sizes: prior proposals per image (Gaussian; a VQ run uses its pool), MCMC steps."""
+  """Sampler sizes: proposals per image (Gaussian; a VQ run uses its pool), MCMC steps, and the
+  nearest training images behind half the proposals (0: all proposals from the prior)."""
   num_proposals: int = 256
   num_steps: int = 16
+  neighbours: int = 16
 
 
 class Family(NamedTuple):
@@ -65,11 +75,14 @@ class Family(NamedTuple):
 
   decode(variables, z (n, ...), m (n, H, W, 1 + C) or None) -> (n, H, W, C);
   prior(data, key, n) -> z (n, ...);
+  guided(variables, data, key, n, near (k, H, W, C)) -> z (n', ...) and log p(z) - log q(z)
+    (n',) for the mixture q of the prior and proposals near the encodings of `near`;
   refine(data, key, z, log_likelihood, num_steps) -> z, MCMC moves targeting
   p(z) exp(log_likelihood(z)).
   """
   decode: Callable
   prior: Callable
+  guided: Callable
   refine: Callable
   data: Any
 
@@ -79,6 +92,7 @@ class Completer(NamedTuple):
   run: train.Run
   family: Family
   noise: dict      # {'observed': s_obs, 'hidden': s_hid}
+  search: Any      # (N, H, W, C) training images searched for the nearest ones
   functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
 
 
@@ -128,18 +142,38 @@ def mala(key, z, log_target, num_steps, step_size=1e-2):
   return z
 
 
+def _log_normal(z, mean, log_var):
+  """log N(z; mean, diag exp(log_var)) over the last axis, without the 2 pi term."""
+  return -0.5 * jnp.sum(jnp.square(z - mean) * jnp.exp(-log_var) + log_var, axis=-1)
+
+
 def gaussian_family(run):
   latent_dim = run.config.gaussian.latent_dim
 
+  def guided(variables, data, key, n, near):
+    del data
+    means, log_vars = run.model.apply(variables, near, method=_posterior)   # (k, d) each
+    prior_key, pick_key, noise_key = jax.random.split(key, 3)
+    pick = jax.random.randint(pick_key, (n - n // 2,), 0, len(near))
+    z = jnp.concatenate([jax.random.normal(prior_key, (n // 2, latent_dim)), means[pick] + jnp.exp(
+        0.5 * log_vars[pick]) * jax.random.normal(noise_key, (n - n // 2, latent_dim))])
+    log_prior = _log_normal(z, 0.0, 0.0)
+    log_near = jax.nn.logsumexp(_log_normal(z[:, None], means, log_vars), axis=1) - jnp.log(
+        len(near))
+    return z, log_prior - jnp.logaddexp(log_prior, log_near) + jnp.log(2.0)
+
   def refine(data, key, z, log_likelihood, num_steps):
     del data
-    return mala(key, z, lambda z: log_likelihood(z) - 0.5 * jnp.sum(jnp.square(z), axis=-1),
-                num_steps)
+    return mala(key, z, lambda z: log_likelihood(z) + _log_normal(z, 0.0, 0.0), num_steps)
 
   return Family(
       decode=lambda variables, z, m: run.model.apply(variables, z, m, method=_decode),
       prior=lambda data, key, n: jax.random.normal(key, (n, latent_dim)),
-      refine=refine, data=None)
+      guided=guided, refine=refine, data=None)
+
+
+def _posterior(module, x):
+  return module.posterior(x)
 
 
 # VQ runs.
@@ -193,7 +227,27 @@ def code_mh(key, codes, logits_fn, log_likelihood, num_steps):
   return codes
 
 
+def _codes(module, x):
+  return module.codes(x)
+
+
 def vq_family(run, prior_model, prior_params, pool):
+  def log_prior(params, codes):
+    logits = prior_model.apply({'params': params}, codes)
+    return jnp.sum(code_log_probs(logits, codes), axis=(1, 2))
+
+  def guided(variables, data, key, n, near):
+    """The pool (n prior draws) and the k codes of `near`, standing for n draws spread evenly over
+    them: log p - log q with q = (p + neighbours' share) / 2, plus log(n / k) for theirs."""
+    del key
+    pool, k = data['pool'], len(near)
+    codes = jnp.concatenate([pool, run.model.apply(variables, near, method=_codes)])
+    copies = jnp.sum(jnp.all(codes[:, None] == codes[None, -k:], axis=(2, 3)), axis=1)  # (n + k,)
+    log_p = jnp.concatenate([data['pool_log_prior'], log_prior(data['prior_params'], codes[-k:])])
+    log_q = jnp.logaddexp(log_p, jnp.log(copies / k))
+    weight = jnp.where(jnp.arange(len(codes)) < len(pool), 0.0, jnp.log(n / k))
+    return codes, log_p - log_q + weight
+
   def refine(data, key, codes, log_likelihood, num_steps):
     logits_fn = lambda codes: prior_model.apply({'params': data['prior_params']}, codes)
     return code_mh(key, codes, logits_fn, log_likelihood, num_steps)
@@ -206,7 +260,9 @@ def vq_family(run, prior_model, prior_params, pool):
 
   return Family(
       decode=lambda variables, codes, m: run.model.apply(variables, codes, m, method=_decode_codes),
-      prior=draw, refine=refine, data={'prior_params': prior_params, 'pool': pool})
+      prior=draw, guided=guided, refine=refine,
+      data={'prior_params': prior_params, 'pool': pool,
+            'pool_log_prior': jax.jit(log_prior)(prior_params, pool)})
 
 
 def prior_pool(workdir, run, prior_model, prior_params, size=POOL_SIZE, seed=0):
@@ -244,10 +300,19 @@ def _conditioning(run, x, mask):
   return masks.conditioning(x[None], mask[None])
 
 
-def complete_image(key, x, mask, variables, data, *, run, family, noise, method, num_samples,
-                   settings):
+def nearest(x, mask, images, k):
+  """The k of images (N, H, W, C) closest to x (H, W, C) on the pixels where mask (H, W, 1) is 1."""
+  k = min(k, len(images))
+  weights = jnp.broadcast_to(mask, x.shape).reshape(-1)
+  flat = images.reshape(len(images), -1)
+  distances = jnp.square(flat) @ weights - 2.0 * flat @ (weights * x.reshape(-1))
+  return images[jax.lax.top_k(-distances, k)[1]]
+
+
+def complete_image(key, x, mask, variables, data, search, *, run, family, noise, method,
+                   num_samples, settings):
   """Samples (S, H, W, C) of image x (H, W, C, hidden pixels 0) observed where mask (H, W, 1) is 1,
-  with the mean and std (H, W, C) of the completion."""
+  with the mean and std (H, W, C) of the completion. search: training images (N, H, W, C)."""
   m = _conditioning(run, x, mask)
 
   def decode(z):
@@ -262,8 +327,13 @@ def complete_image(key, x, mask, variables, data, *, run, family, noise, method,
   if method == 'prior':
     z = family.prior(data, prior_key, num_samples)
   else:
-    proposals = family.prior(data, prior_key, settings.num_proposals)
-    chosen = jax.random.categorical(resample_key, log_likelihood(proposals), shape=(num_samples,))
+    if settings.neighbours:
+      near = nearest(x, mask, search, settings.neighbours)
+      proposals, log_ratio = family.guided(variables, data, prior_key, settings.num_proposals, near)
+    else:
+      proposals, log_ratio = family.prior(data, prior_key, settings.num_proposals), 0.0
+    chosen = jax.random.categorical(resample_key, log_likelihood(proposals) + log_ratio,
+                                    shape=(num_samples,))
     z = family.refine(data, refine_key, proposals[chosen], log_likelihood, settings.num_steps)
   means = decode(z)
   scale = jnp.where(mask > 0, noise['observed'], noise['hidden'])
@@ -281,10 +351,10 @@ def completion_fn(completer, method, num_samples, settings):
   if key not in completer.functions:
     per_image = functools.partial(complete_image, run=run, family=family, noise=completer.noise,
                                   method=method, num_samples=num_samples, settings=settings)
-    completer.functions[key] = jax.jit(jax.vmap(per_image, in_axes=(0, 0, 0, None, None)))
+    completer.functions[key] = jax.jit(jax.vmap(per_image, in_axes=(0, 0, 0, None, None, None)))
   batched = completer.functions[key]
   variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
-  return lambda keys, x, mask: batched(keys, x, mask, variables, family.data)
+  return lambda keys, x, mask: batched(keys, x, mask, variables, family.data, completer.search)
 
 
 # Noise scales.
@@ -339,7 +409,8 @@ def completer(workdir, run=None):
     family = vq_family(run, prior_model, prior_state.params, jnp.asarray(pool))
   else:
     family = gaussian_family(run)
-  return Completer(run, family, noise_scales(workdir, run), {})
+  train_images = run.splits.train[:max(1, SEARCH_VALUES // math.prod(run.splits.train.shape[1:]))]
+  return Completer(run, family, noise_scales(workdir, run), jnp.asarray(train_images), {})
 
 
 # Checked inputs.

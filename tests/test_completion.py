@@ -107,6 +107,36 @@ def test_posterior_mean_beats_the_prior_mean_on_hidden_pixels(gaussian_completio
   assert errors['posterior'] < 0.9 * errors['prior']
 
 
+def test_nearest_finds_the_closest_images_on_the_observed_pixels_only():
+  images = np.zeros((5, 2, 2, 1), np.float32)
+  images[:, 0, 0, 0] = [0.9, 0.1, 0.5, 0.2, 0.0]
+  images[:, 1, 1, 0] = [0.0, 1.0, 1.0, 1.0, 1.0]  # hidden: must not count
+  x = np.zeros((2, 2, 1), np.float32)
+  x[0, 0, 0] = 0.15
+  mask = np.zeros((2, 2, 1), np.float32)
+  mask[0, 0, 0] = 1.0
+  near = np.asarray(completion.nearest(x, mask, images, 2))
+  np.testing.assert_allclose(near[:, 0, 0, 0], [0.1, 0.2])
+
+
+def test_guided_proposals_are_weighted_to_the_prior(gaussian_run):
+  """With a flat likelihood, proposals near the encodings of given images, weighted by
+  p(z) / q(z), must average like draws from the prior N(0, I)."""
+  _, helper = gaussian_run
+  run, family = helper.run, helper.family
+  variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+  near = run.splits.test[:4]
+  z, log_ratio = jax.jit(family.guided, static_argnums=3)(
+      variables, family.data, jax.random.key(0), 40_000, near)
+  weights = np.asarray(jax.nn.softmax(log_ratio))
+  z = np.asarray(z)
+  assert 1 / np.sum(weights ** 2) > 1_000  # enough effective draws for the checks below
+  np.testing.assert_allclose(weights @ z, 0.0, atol=0.06)
+  np.testing.assert_allclose(weights @ np.square(z), 1.0, atol=0.1)
+  # the unweighted draws are far from the prior: the weights do the work
+  assert np.abs(z.mean(axis=0)).max() > 0.2
+
+
 def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   workdir, helper = gaussian_run
   noise = helper.noise

@@ -65,7 +65,11 @@ class GaussianVAE(base.MultitaskAutoencoder):
     z = mean + jnp.exp(0.5 * log_var) * jax.random.normal(key, mean.shape)
     return z, {'kl': losses.kl_divergence(mean, log_var)}
 
+  def posterior(self, x):
+    """(B, H, W, C) images -> mean and log-variance (B, latent_dim) of q(z|x), batch norm in
+    inference mode."""
+    return self.encoder(layers.pad_to(x, *self.padded), train=False)
+
   def posterior_mean(self, x):
-    """(B, H, W, C) images -> (B, latent_dim) means of q(z|x) (batch norm in inference mode)."""
-    mean, _ = self.encoder(layers.pad_to(x, *self.padded), train=False)
-    return mean
+    """(B, H, W, C) images -> (B, latent_dim) means of q(z|x)."""
+    return self.posterior(x)[0]

@@ -85,3 +85,12 @@ def attach(h, levels):
   if levels is None:
     return h
   return jnp.concatenate([h, levels[h.shape[1:3]]], axis=-1)
+
+
+def upsample(h, levels, widths, kernel, train):
+  """One stride-2 `up` with batch norm and LeakyReLU per width in `widths`, m's features (levels)
+  attached after each: the decoders' path to the image. Call inside a compact method."""
+  for features in widths:
+    h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, kernel)(h)))
+    h = attach(h, levels)
+  return h

@@ -40,9 +40,8 @@ class Decoder(nn.Module):
   def __call__(self, z, m=None, *, train):
     h, levels = conditioning.first_grid(z, m, self.conditioning, self.hidden_sizes,
                                         (*self.start, self.hidden_sizes[-1]))
-    for features in (*reversed(self.hidden_sizes[:-1]), self.hidden_sizes[0]):
-      h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 3)(h)))
-      h = conditioning.attach(h, levels)
+    widths = (*reversed(self.hidden_sizes[:-1]), self.hidden_sizes[0])
+    h = conditioning.upsample(h, levels, widths, 3, train)
     return nn.sigmoid(layers.Conv(self.out_channels, 3)(h))
 
 

@@ -85,9 +85,7 @@ class Decoder(nn.Module):
     for _ in range(self.num_residual_layers):
       h = layers.ResidualLayer()(h)
     h = layers.leaky_relu(h)
-    for features in reversed(self.hidden_sizes[:-1]):
-      h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, 4)(h)))
-      h = conditioning.attach(h, levels)
+    h = conditioning.upsample(h, levels, tuple(reversed(self.hidden_sizes[:-1])), 4, train)
     return nn.sigmoid(layers.up(self.out_channels, 4)(h))
 
 

@@ -18,6 +18,7 @@ import sys
 
 import jax
 
+from mtvae_jax import parallel
 from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
 
@@ -31,10 +32,11 @@ class Damaged(Exception):
 
 
 def _sums(folder):
-  """{path relative to `folder`: SHA-256 hex digest} of the files under `folder` but MANIFEST."""
+  """{path relative to `folder`: SHA-256 hex digest} of the files under `folder` but MANIFEST
+  and its temporary files."""
   sums = {}
   for path in sorted(folder.rglob('*')):
-    if path.is_file() and path.name != MANIFEST:
+    if path.is_file() and path.name != MANIFEST and not path.name.startswith(f'.{MANIFEST}.'):
       digest = hashlib.sha256()
       with open(path, 'rb') as f:
         for block in iter(lambda: f.read(2**20), b''):  # hashlib.file_digest needs Python 3.11
@@ -86,7 +88,9 @@ def _save(manager, step, args):
     manager.delete(step)
   manager.save(step, args=args, force=True)
   manager.wait_until_finished()
-  workdir_lib.write_json(_step_folder(manager, step) / MANIFEST, _sums(_step_folder(manager, step)))
+  if parallel.is_writer():  # one process sums the shared folder
+    workdir_lib.write_json(_step_folder(manager, step) / MANIFEST,
+                           _sums(_step_folder(manager, step)))
 
 
 def save_best(manager, epoch, state):

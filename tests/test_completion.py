@@ -69,9 +69,9 @@ def hidden_mse(truth, mask, mean):
 
 
 def _completions(run):
-  """Truth, mask and every method's completion of 32 test images with half their pixels seen."""
+  """Truth, mask and every method's completion of 16 test images with half their pixels seen."""
   _, helper = run
-  truth, mask, x = observed_images(helper, 32, 0.5)
+  truth, mask, x = observed_images(helper, 16, 0.5)
   return helper, truth, mask, {
       method: completion.complete_arrays(helper, x, mask, NUM_SAMPLES, method, settings=SETTINGS)
       for method in completion.METHODS}

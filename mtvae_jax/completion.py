@@ -152,7 +152,7 @@ def gaussian_family(run):
 
   def guided(variables, data, key, n, near):
     del data
-    means, log_vars = run.model.apply(variables, near, method=_posterior)   # (k, d) each
+    means, log_vars = run.model.apply(variables, near, method='posterior')   # (k, d) each
     prior_key, pick_key, noise_key = jax.random.split(key, 3)
     pick = jax.random.randint(pick_key, (n - n // 2,), 0, len(near))
     z = jnp.concatenate([jax.random.normal(prior_key, (n // 2, latent_dim)), means[pick] + jnp.exp(
@@ -170,10 +170,6 @@ def gaussian_family(run):
       decode=lambda variables, z, m: run.model.apply(variables, z, m, method=_decode),
       prior=lambda data, key, n: jax.random.normal(key, (n, latent_dim)),
       guided=guided, refine=refine, data=None)
-
-
-def _posterior(module, x):
-  return module.posterior(x)
 
 
 # VQ runs.
@@ -227,21 +223,20 @@ def code_mh(key, codes, logits_fn, log_likelihood, num_steps):
   return codes
 
 
-def _codes(module, x):
-  return module.codes(x)
-
-
 def vq_family(run, prior_model, prior_params, pool):
+  def logits_fn(params, codes):
+    return prior_model.apply({'params': params}, codes)
+
   def log_prior(params, codes):
-    logits = prior_model.apply({'params': params}, codes)
-    return jnp.sum(code_log_probs(logits, codes), axis=(1, 2))
+    return jnp.sum(code_log_probs(logits_fn(params, codes), codes), axis=(1, 2))
 
   def guided(variables, data, key, n, near):
-    """The pool (n prior draws) and the k codes of `near`, standing for n draws spread evenly over
-    them: log p - log q with q = (p + neighbours' share) / 2, plus log(n / k) for theirs."""
+    """The pool (prior draws, all n of them) and the k codes of `near`, standing for as many draws
+    spread evenly over them: log p - log q with q = (p + neighbours' share) / 2, plus log(n / k)
+    for theirs."""
     del key
     pool, k = data['pool'], len(near)
-    codes = jnp.concatenate([pool, run.model.apply(variables, near, method=_codes)])
+    codes = jnp.concatenate([pool, run.model.apply(variables, near, method='codes')])
     copies = jnp.sum(jnp.all(codes[:, None] == codes[None, -k:], axis=(2, 3)), axis=1)  # (n + k,)
     log_p = jnp.concatenate([data['pool_log_prior'], log_prior(data['prior_params'], codes[-k:])])
     log_q = jnp.logaddexp(log_p, jnp.log(copies / k))
@@ -249,8 +244,8 @@ def vq_family(run, prior_model, prior_params, pool):
     return codes, log_p - log_q + weight
 
   def refine(data, key, codes, log_likelihood, num_steps):
-    logits_fn = lambda codes: prior_model.apply({'params': data['prior_params']}, codes)
-    return code_mh(key, codes, logits_fn, log_likelihood, num_steps)
+    return code_mh(key, codes, functools.partial(logits_fn, data['prior_params']), log_likelihood,
+                   num_steps)
 
   def draw(data, key, n):
     pool = data['pool']

@@ -32,11 +32,10 @@ class Damaged(Exception):
 
 
 def _sums(folder):
-  """{path relative to `folder`: SHA-256 hex digest} of the files under `folder` but MANIFEST
-  and its temporary files."""
+  """{path relative to `folder`: SHA-256 hex digest} of the files under `folder` but MANIFEST."""
   sums = {}
   for path in sorted(folder.rglob('*')):
-    if path.is_file() and path.name != MANIFEST and not path.name.startswith(f'.{MANIFEST}.'):
+    if path.is_file() and path.name != MANIFEST:
       digest = hashlib.sha256()
       with open(path, 'rb') as f:
         for block in iter(lambda: f.read(2**20), b''):  # hashlib.file_digest needs Python 3.11

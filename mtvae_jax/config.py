@@ -66,7 +66,9 @@ def base_config(model, method, arg=None):
 
   config.data = ml_collections.ConfigDict(dict(
       name=dataset, path='', validation_fraction=0.1, test_fraction=0.1, num_folds=0, fold=0,
-      tfds_data_dir='', crop_size=0, image_size=0, num_workers=2, cache_dir=''))
+      tfds_data_dir='', crop_size=0, image_size=0, num_workers=2, cache_dir='',
+      # At most this many images of the data set, drawn by seed before the splits (0: all).
+      max_images=0))
 
   config.gaussian = ml_collections.ConfigDict(PRESETS['gaussian'][preset if model == 'gaussian' else 1])
   config.vq = ml_collections.ConfigDict(dict(
@@ -227,6 +229,7 @@ def validate(config):
       'data.crop_size': NATURAL,
       'data.image_size': NATURAL,
       'data.num_workers': NATURAL,
+      'data.max_images': NATURAL,
       **TRAIN_RULES,
       **{f'loss.weights.{name}': NON_NEGATIVE for name in config.loss.weights},
       'loss.balancing': one_of(balancing.UPDATES),

@@ -109,6 +109,30 @@ def test_fashion_mnist_reads_the_system_copy_without_network(monkeypatch):
   assert isinstance(splits.train, np.ndarray)
 
 
+@pytest.mark.skipif(not FASHION.is_dir(), reason='Debian package dataset-fashion-mnist not installed')
+def test_max_images_draws_one_subset_in_the_official_proportions_that_every_fold_splits():
+  config = data_config('fashion_mnist', max_images=7000, num_folds=3)
+  folds = []
+  for index in range(3):
+    config.fold = index
+    folds.append(data.load(config, seed=0))
+  assert [len(s) for s in folds[0]] == [4000, 2000, 1000]
+  projection = np.random.default_rng(0).normal(size=28 * 28)
+  rows = lambda *arrays: np.sort(np.concatenate(arrays).reshape(-1, 28 * 28) @ projection)
+  np.testing.assert_allclose(rows(*[f.validation for f in folds]),
+                             rows(folds[0].train, folds[0].validation))  # one pool, 3 folds
+  assert all(np.array_equal(f.test, folds[0].test) for f in folds)
+  assert np.array_equal(data.load(config, seed=0).train, folds[2].train)
+
+
+def test_max_images_applies_before_the_test_fraction_of_a_set_without_a_test_split():
+  splits = data.load(data_config('digits', max_images=300, test_fraction=0.2,
+                                 validation_fraction=0.25), seed=0)
+  assert [len(s) for s in splits] == [180, 60, 60]
+  with pytest.raises(UserError, match='data.max_images=2'):
+    data.load(data_config('digits', max_images=2), seed=0)
+
+
 def test_data_path_replaces_the_tfds_copy(tmp_path):
   write_images(tmp_path / 'train', 12, size=(32, 32))
   write_images(tmp_path / 'test', 5, size=(32, 32), seed=1)

@@ -22,6 +22,13 @@ def take_fraction(images, fraction, seed, what):
   return images[np.sort(order[size:])], images[np.sort(order[:size])]
 
 
+def subset(images, size, seed):
+  """`size` of `images` drawn by seed, in their order; all of them when there are no more."""
+  if size >= len(images):
+    return images
+  return images[np.sort(np.random.default_rng(seed).permutation(len(images))[:size])]
+
+
 def fold(images, num_folds, index, seed):
   """Fold `index` of `num_folds` as validation, the other folds as training: (train, validation).
 
@@ -45,8 +52,17 @@ def split(train_images, test_images, data_config, seed):
 
   Validation is data.validation_fraction of the rest, or with data.num_folds
   >= 2 fold data.fold of it (k-fold cross-validation); the test split is the
-  same for every fold. UserError when a split would be empty.
+  same for every fold. With data.max_images, a subset of that many images is
+  drawn first, official train and test sets in their proportions. UserError
+  when a split would be empty.
   """
+  if data_config.max_images and test_images is not None:
+    share = len(train_images) / (len(train_images) + len(test_images))
+    num_train = int(round(share * data_config.max_images))
+    train_images = subset(train_images, num_train, seed + 2)
+    test_images = subset(test_images, data_config.max_images - num_train, seed + 3)
+  elif data_config.max_images:
+    train_images = subset(train_images, data_config.max_images, seed + 2)
   if test_images is None:
     train_images, test_images = take_fraction(
         train_images, data_config.test_fraction, seed, 'test')
@@ -63,6 +79,6 @@ def split(train_images, test_images, data_config, seed):
       raise UserError(
           f'data set {data_config.name}{where} gives no {name} image ({total} images in all, '
           f'data.test_fraction={data_config.test_fraction}, data.validation_fraction='
-          f'{data_config.validation_fraction}): use at least 3 images, one per split, or smaller '
-          'fractions')
+          f'{data_config.validation_fraction}, data.max_images={data_config.max_images}): use at '
+          'least 3 images, one per split, or smaller fractions')
   return splits

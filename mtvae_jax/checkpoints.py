@@ -3,18 +3,21 @@
   checkpoints/best/<epoch>    params and batch-norm statistics of the best epoch by validation loss
   checkpoints/latest/<step>   the whole train state and the loop's position, for resuming
 
-orbax writes each checkpoint into a temporary folder and renames it when it is
-complete, so a run killed mid-write leaves no half checkpoint under a step
-name. Once it is complete, the SHA-256 of each of its files goes into its
-sha256.json (written atomically). Restoring checks those first: a checkpoint
-whose files differ from their sums, or without sha256.json (a run killed
-between the two writes, or one written before checkpoints had sums), counts
-as damaged. A damaged latest checkpoint is skipped with a one-line warning in
-favour of the one before it; a damaged best checkpoint is a UserError.
+orbax writes each checkpoint in the background into a temporary folder and
+renames it when it is complete, so a run killed mid-write leaves no half
+checkpoint under a step name. Training goes on meanwhile: the next save of the
+same manager, or `finish`, waits for it and then writes the SHA-256 of each of
+its files into its sha256.json (atomically). Restoring checks those first: a
+checkpoint whose files differ from their sums counts as damaged; one without
+sha256.json (a run killed before the sums, or written by an older version) is
+whole by orbax's rename and is read unchecked. A damaged latest checkpoint is
+skipped with a one-line warning in favour of the one before it; a damaged best
+checkpoint is a UserError.
 """
 import hashlib
 import pathlib
 import sys
+import weakref
 
 import jax
 
@@ -25,6 +28,10 @@ from mtvae_jax.errors import UserError
 FORMAT = 1  # bumped when the saved layout changes; older checkpoints are refused
 MANIFEST = 'sha256.json'
 METADATA_BYTES = 2**18  # what orbax writes beside the arrays of a checkpoint (about 100 KiB)
+
+
+# manager -> the step it is writing in the background, whose sums are still to be written
+_UNSUMMED = weakref.WeakKeyDictionary()
 
 
 class Damaged(Exception):
@@ -48,16 +55,10 @@ def _step_folder(manager, step):
   return pathlib.Path(manager.directory) / str(step)
 
 
-def verify(manager, step, unsummed_ok=False):
-  """Raises Damaged unless the files of checkpoint `step` match its sha256.json.
-
-  unsummed_ok: a checkpoint without sha256.json passes unverified. orbax
-  renames a checkpoint into place only once it is complete, so such a one is
-  whole: written by an older version, or by a process killed before it wrote
-  the sums.
-  """
+def verify(manager, step):
+  """Raises Damaged unless the files of checkpoint `step` match its sha256.json, if it has one."""
   folder = _step_folder(manager, step)
-  if unsummed_ok and not (folder / MANIFEST).exists():
+  if not (folder / MANIFEST).exists():
     return
   try:
     expected = workdir_lib.read_json(folder / MANIFEST)
@@ -82,14 +83,22 @@ def managers(workdir, keep_latest):
   return best, latest
 
 
+def finish(manager):
+  """Waits for `manager`'s background save, then writes that checkpoint's sums."""
+  manager.wait_until_finished()
+  step = _UNSUMMED.pop(manager, None)
+  if step is not None and parallel.is_writer():  # one process sums the shared folder
+    workdir_lib.write_json(_step_folder(manager, step) / MANIFEST,
+                           _sums(_step_folder(manager, step)))
+
+
 def _save(manager, step, args):
+  """Starts writing checkpoint `step` in the background, once the previous one is finished."""
+  finish(manager)
   if step in manager.all_steps():  # written before a crash, now redone
     manager.delete(step)
   manager.save(step, args=args, force=True)
-  manager.wait_until_finished()
-  if parallel.is_writer():  # one process sums the shared folder
-    workdir_lib.write_json(_step_folder(manager, step) / MANIFEST,
-                           _sums(_step_folder(manager, step)))
+  _UNSUMMED[manager] = step
 
 
 def save_best(manager, epoch, state):
@@ -103,9 +112,10 @@ def restore_best(manager, state, epoch=None):
   """`state` with params and batch-norm statistics of the best checkpoint; UserError when its
   files fail their checksums."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  finish(manager)
   epoch = epoch or manager.latest_step()
   try:
-    verify(manager, epoch, unsummed_ok=True)  # the only best checkpoint: nothing to fall back to
+    verify(manager, epoch)  # the only best checkpoint: nothing to fall back to
   except Damaged as e:
     raise UserError(f'the best checkpoint {manager.directory}/{epoch} is damaged ({e}): remove '
                     f'{manager.directory} and its run\'s metrics.json, then train again') from None

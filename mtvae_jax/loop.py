@@ -303,8 +303,8 @@ def fit(task, config, workdir, summarize, num_workers=0) -> dict:
             *(f'{group} {format_metrics(values)}' for group, values in extras.items()),
             *(f'{rate:.0f} images/s' for rate in throughput.values())]), flush=True)
   finally:  # an exception must not lose a checkpoint still being written
-    best_checkpoints.wait_until_finished()
-    latest_checkpoints.wait_until_finished()
+    checkpoints.finish(best_checkpoints)
+    checkpoints.finish(latest_checkpoints)
 
   if not position['best_epoch']:
     raise UserError(f'no epoch had a finite validation {task.objective}, so there is no best '

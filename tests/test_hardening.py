@@ -201,6 +201,19 @@ def test_a_best_checkpoint_with_a_bad_manifest_is_damaged_and_one_without_is_res
     checkpoints.restore_best(best, state, 1)
 
 
+def test_latest_checkpoints_are_summed_when_the_next_save_starts_and_read_unsummed(tmp_path):
+  _, latest = checkpoints.managers(tmp_path, 3)
+  folder = lambda step: tmp_path / 'checkpoints' / 'latest' / str(step) / checkpoints.MANIFEST
+  for step in (1, 2):
+    checkpoints.save_latest(latest, step, {'w': np.full(3, step, np.float32)}, {'step': step})
+  assert folder(1).exists() and not folder(2).exists()  # the second save finished the first
+  checkpoints.finish(latest)
+  assert folder(2).exists()
+  folder(2).unlink()  # as if killed before its sums: whole by orbax's rename, so it is read
+  tree, loop = checkpoints.restore_latest(latest, {'w': np.zeros(3, np.float32)})
+  assert tree['w'].tolist() == [2, 2, 2] and loop['step'] == 2
+
+
 def test_the_thesis_report_reads_fold_files_as_the_runs_do(tmp_path):
   (tmp_path / 'fold_0').mkdir()
   (tmp_path / 'fold_0' / 'history.jsonl').write_text('{"epoch": 1}\n{"epo')

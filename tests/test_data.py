@@ -21,6 +21,7 @@ from mtvae_jax import config as config_lib
 from mtvae_jax import data
 from mtvae_jax import train
 from mtvae_jax.data import cache
+from mtvae_jax.data import splits
 from mtvae_jax.data import images
 from mtvae_jax.data import pipeline
 from mtvae_jax.data import tfds_source
@@ -109,20 +110,20 @@ def test_fashion_mnist_reads_the_system_copy_without_network(monkeypatch):
   assert isinstance(splits.train, np.ndarray)
 
 
-@pytest.mark.skipif(not FASHION.is_dir(), reason='Debian package dataset-fashion-mnist not installed')
 def test_max_images_draws_one_subset_in_the_official_proportions_that_every_fold_splits():
-  config = data_config('fashion_mnist', max_images=7000, num_folds=3)
+  train_set, test_set = np.arange(6000), np.arange(6000, 7000)  # image i is the number i
+  config = data_config('fashion_mnist', max_images=700, num_folds=3)
   folds = []
   for index in range(3):
     config.fold = index
-    folds.append(data.load(config, seed=0))
-  assert [len(s) for s in folds[0]] == [4000, 2000, 1000]
-  projection = np.random.default_rng(0).normal(size=28 * 28)
-  rows = lambda *arrays: np.sort(np.concatenate(arrays).reshape(-1, 28 * 28) @ projection)
-  np.testing.assert_allclose(rows(*[f.validation for f in folds]),
-                             rows(folds[0].train, folds[0].validation))  # one pool, 3 folds
+    folds.append(splits.split(train_set, test_set, config, seed=0))
+  assert [len(s) for s in folds[0]] == [400, 200, 100]
+  pool = np.concatenate([f.validation for f in folds])
+  assert len(set(pool)) == 600 and set(pool) == set(folds[0].train) | set(folds[0].validation)
+  assert set(pool) < set(train_set) and set(folds[0].test) < set(test_set)
   assert all(np.array_equal(f.test, folds[0].test) for f in folds)
-  assert np.array_equal(data.load(config, seed=0).train, folds[2].train)
+  assert np.array_equal(splits.split(train_set, test_set, config, seed=0).train, folds[2].train)
+  assert not np.array_equal(splits.split(train_set, test_set, config, seed=1).test, folds[0].test)
 
 
 def test_max_images_applies_before_the_test_fraction_of_a_set_without_a_test_split():

@@ -21,9 +21,9 @@ from mtvae_jax import config as config_lib
 from mtvae_jax import data
 from mtvae_jax import train
 from mtvae_jax.data import cache
-from mtvae_jax.data import splits
 from mtvae_jax.data import images
 from mtvae_jax.data import pipeline
+from mtvae_jax.data import splits
 from mtvae_jax.data import tfds_source
 from mtvae_jax.errors import UserError
 

@@ -114,7 +114,7 @@ def main(argv):
       return
     with thesis.locked(workdir) as lock:
       thesis.record(commands, workdir)
-      pending = [run for run in runs if thesis.status(run) != 'done']
+      pending = thesis.pending(runs)
       print(f'{len(runs) - len(pending)} of {len(runs)} runs done, {len(pending)} to run')
       if _EXECUTOR.value == 'local':
         failures = thesis.run_local(pending, _PARALLEL.value, pass_fds=(lock,))

@@ -151,6 +151,16 @@ def status(run):
   return 'started' if (run.workdir / 'config.json').exists() else 'pending'
 
 
+def pending(runs):
+  """The runs of `runs` not done yet, fold by fold: each row's first fold, then each one's second...
+
+  A row's first fold compiles its steps into the persistent compilation cache
+  and its other folds read them from there; started beside it, they would
+  compile the same programs once more each.
+  """
+  return sorted((run for run in runs if status(run) != 'done'), key=lambda run: run.fold)
+
+
 LOCK_WAIT_SECONDS = 120
 
 

@@ -119,6 +119,18 @@ def test_rows_are_chosen_by_globs_and_an_unknown_one_is_named():
     thesis.select(rows, 'gauss1_base,vq9_')
 
 
+def test_pending_runs_start_fold_by_fold_so_that_later_folds_read_the_compilation_cache(
+    tmp_path):
+  rows = thesis.select(thesis_grid.get_config('digits').rows.to_dict(), 'gauss1_*')
+  _, runs = thesis.expand(rows, 3, tmp_path, 'configs', 'digits')
+  (runs[0].workdir / 'metrics.json').parent.mkdir(parents=True)
+  (runs[0].workdir / 'metrics.json').write_text('{}')  # gauss1_base fold 0 is done
+  assert [(run.row, run.fold) for run in thesis.pending(runs)] == [
+      ('gauss1_multi_exact', 0), ('gauss1_single_uniform_a60', 0), ('gauss1_base', 1),
+      ('gauss1_multi_exact', 1), ('gauss1_single_uniform_a60', 1), ('gauss1_base', 2),
+      ('gauss1_multi_exact', 2), ('gauss1_single_uniform_a60', 2)]
+
+
 def test_slots_spread_processes_over_the_gpus():
   shared = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
   assert thesis.slots(3, ['4', '7']) == [{'CUDA_VISIBLE_DEVICES': '4', **shared},

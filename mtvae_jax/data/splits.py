@@ -56,13 +56,13 @@ def split(train_images, test_images, data_config, seed):
   drawn first, official train and test sets in their proportions. UserError
   when a split would be empty.
   """
-  if data_config.max_images and test_images is not None:
-    share = len(train_images) / (len(train_images) + len(test_images))
-    num_train = int(round(share * data_config.max_images))
+  if data_config.max_images:
+    num_train = data_config.max_images
+    if test_images is not None:
+      share = len(train_images) / (len(train_images) + len(test_images))
+      num_train = int(round(share * data_config.max_images))
+      test_images = subset(test_images, data_config.max_images - num_train, seed + 3)
     train_images = subset(train_images, num_train, seed + 2)
-    test_images = subset(test_images, data_config.max_images - num_train, seed + 3)
-  elif data_config.max_images:
-    train_images = subset(train_images, data_config.max_images, seed + 2)
   if test_images is None:
     train_images, test_images = take_fraction(
         train_images, data_config.test_fraction, seed, 'test')

@@ -1,37 +1,50 @@
 """Completing images from a few observed pixels, with the uncertainty of the completion.
 
-For an image x observed where the mask M is 1, with m = concat(M, M x), a
-run's decoder f gives the observation model
+For an image x observed where the mask M is 1, with m = concat(M, M x), a run
+has two views of an image given its latent z:
 
-  x | z, m  ~  N(f(z, m), s^2),  s = s_obs at observed pixels, s_hid at hidden ones,
+  g(z)     its generative decoder p(x | z) (decoder 1; method single: its decoder
+           given m = 0), which says how well z explains pixels it was not shown;
+  f(z, m)  the decoder that completes: the conditioned decoder (methods multi,
+           single), which also takes in the observed pixels, or g (method none).
 
-where f is the conditioned decoder (methods multi, single) or decoder 1 without
-m (method none). Latents z come from
+The latents come from
 
   prior:      z ~ p(z), ignoring what the observed pixels say about z;
-  posterior:  z ~ p(z | x_obs) ∝ p(z) N(x_obs; f(z, m)_obs, s_obs^2), in two stages:
-              importance resampling, then MCMC moves that leave the posterior
-              invariant. The proposals are a mixture, half from p(z) and half
-              near the encodings of the training images closest to x on its
-              observed pixels (Settings.neighbours of them: Gaussian runs
-              draw from the encoder's q(z | x_j), VQ runs take the encoder's
-              codes of x_j), weighted by p(z) likelihood / mixture density,
-              so the resampled z follow the posterior whichever half fits
-              the observed pixels. The MCMC moves:
-                Gaussian runs: MALA (Langevin proposals with a Metropolis test),
-                  the step size tuned per image towards an acceptance rate of
-                  0.574 during the first half of the steps;
-                VQ runs: single-site Metropolis-Hastings in raster order, each
-                  code proposed from its PixelCNN conditional given the codes
-                  before it. The proposals are a pool of PixelCNN prior samples
-                  drawn once per run (completion/prior_codes.json).
+  posterior:  z ~ p(z | x_obs) ∝ p(z) N(x_obs; g(z)_obs, s_lik^2). The likelihood
+              goes through g: f reproduces the observed pixels for almost any z
+              (they are its input), so it cannot tell which z explains them.
+              Sampled by importance resampling and then MCMC moves that leave the
+              posterior invariant:
+                Gaussian runs: p(z) is the training set's aggregate posterior
+                  (1/N) sum_j q(z | x_j), restricted to the Settings.neighbours
+                  training images closest to x on its observed pixels, whose
+                  likelihood outweighs the rest. Proposals are drawn from it
+                  (weights: the likelihood alone), the moves are MALA (Langevin
+                  proposals with a Metropolis test), the step size tuned per image
+                  towards an acceptance rate of 0.574 in the first half of the steps.
+                  The model prior N(0, I) is not used here: with a small KL weight
+                  it puts most of its mass where no training image encodes, and
+                  a posterior under it fits the observed pixels with images
+                  unlike any in the data.
+                VQ runs: p(z) is the PixelCNN. Proposals are a pool of its samples
+                  (completion/prior_codes.json) and the codes of the nearest
+                  training images, weighted by p(z) likelihood / proposal share;
+                  the moves are single-site Metropolis-Hastings in raster order,
+                  each code proposed from its PixelCNN conditional given the codes
+                  before it.
 
-Predictive samples are clip(f(z, m) + s eps, 0, 1) (the data's range); the
-mean is the average of f(z, m) over the latent samples (the noise averages
-out) and std = sqrt(var of f(z, m) + s^2). s_obs and s_hid are the root mean
-squared residuals of the decoder on the observed and hidden pixels of
-validation images, given the encoder's z and masks from the run's own mask
-distribution (completion/noise.json).
+Predictive samples are clip(f(z, m) + s eps, 0, 1) (the data's range). The
+prior method's mean is the average of f(z, m) over its latent samples and its
+std sqrt(var of f(z, m) + s^2); the posterior's mean and variance of f(z, m)
+are weighted over all its proposals by their importance weights, a
+lower-variance estimate than an average of the resampled few. The scales are
+root mean squared residuals on validation images given the encoder's z
+(completion/noise.json): s = s_obs and s_hid of f on the observed and hidden
+pixels of masks from the run's own mask distribution; and s_lik, g's error s_g
+over all pixels times the factor (likelihood_scale) whose posterior mean
+completes validation images best, as the training images' encodings fit a new
+image's pixels less closely than its own encoding would.
 
 Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
@@ -56,6 +69,8 @@ METHODS = ('posterior', 'prior')
 VALUE_RANGE = (0.0, 1.0)    # the data loaders' range, and the decoders' (a sigmoid)
 CACHE_DIR = 'completion'
 NOISE_IMAGES = 2048          # validation images behind the noise scales
+CALIBRATION_IMAGES = 256     # validation images behind the likelihood scale
+LIKELIHOOD_FACTORS = (1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)   # candidate s_lik / s_g
 POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
 SEARCH_VALUES = 2 ** 26      # at most this many pixel values of training images are searched
 TARGET_ACCEPTANCE = 0.574    # MALA's optimal acceptance rate (Roberts and Rosenthal, 1998)
@@ -64,21 +79,22 @@ ADAPTATION_RATE = 2.0        # change of log step size per step, per unit of acc
 
 class Settings(NamedTuple):
   """Sampler sizes: proposals per image (Gaussian; a VQ run uses its pool), MCMC steps, and the
-  nearest training images behind half the proposals (0: all proposals from the prior)."""
+  training images closest on the observed pixels that the prior is restricted to (Gaussian) or
+  that add proposals (VQ); 0: the model's own prior, N(0, I) or the PixelCNN, alone."""
   num_proposals: int = 256
-  num_steps: int = 16
-  neighbours: int = 16
+  num_steps: int = 4
+  neighbours: int = 64
 
 
 class Family(NamedTuple):
   """What the samplers need of a model family; `data` holds its arrays (jit arguments).
 
-  decode(variables, z (n, ...), m (n, H, W, 1 + C) or None) -> (n, H, W, C);
-  prior(data, key, n) -> z (n, ...);
-  guided(variables, data, key, n, near (k, H, W, C)) -> z (n', ...) and log p(z) - log q(z)
-    (n',) for the mixture q of the prior and proposals near the encodings of `near`;
-  refine(data, key, z, log_likelihood, num_steps) -> z, MCMC moves targeting
-  p(z) exp(log_likelihood(z)).
+  decode(variables, z (n, ...), m (n, H, W, 1 + C) or None) -> (n, H, W, C), None: g(z);
+  prior(data, key, n) -> z (n, ...) from the model's prior;
+  guided(variables, data, key, n, near (k, H, W, C)) -> proposals z (n', ...), log p(z) - log q(z)
+    (n',) for their density q, and `local`, what refine needs of the prior given `near`;
+  refine(data, local, key, z, log_likelihood, num_steps) -> z, MCMC moves targeting
+    p(z) exp(log_likelihood(z)) (local None: the model's prior).
   """
   decode: Callable
   prior: Callable
@@ -147,24 +163,32 @@ def _log_normal(z, mean, log_var):
   return -0.5 * jnp.sum(jnp.square(z - mean) * jnp.exp(-log_var) + log_var, axis=-1)
 
 
+def aggregate_draws(key, means, log_vars, n):
+  """n draws (n, d) from the mixture (1/k) sum_j N(means_j, diag exp(log_vars_j)), (k, d) each."""
+  pick_key, noise_key = jax.random.split(key)
+  pick = jax.random.randint(pick_key, (n,), 0, len(means))
+  return means[pick] + jnp.exp(0.5 * log_vars[pick]) * jax.random.normal(noise_key, (n, means.shape[1]))
+
+
+def log_aggregate(means, log_vars, z):
+  """log of that mixture's density at z (S, d), without the 2 pi term, -> (S,)."""
+  return jax.nn.logsumexp(_log_normal(z[:, None], means, log_vars), axis=1) - jnp.log(len(means))
+
+
 def gaussian_family(run):
   latent_dim = run.config.gaussian.latent_dim
 
   def guided(variables, data, key, n, near):
+    """Draws from the aggregate posterior of `near`, which is the prior here: weights 0."""
     del data
-    means, log_vars = run.model.apply(variables, near, method='posterior')   # (k, d) each
-    prior_key, pick_key, noise_key = jax.random.split(key, 3)
-    pick = jax.random.randint(pick_key, (n - n // 2,), 0, len(near))
-    z = jnp.concatenate([jax.random.normal(prior_key, (n // 2, latent_dim)), means[pick] + jnp.exp(
-        0.5 * log_vars[pick]) * jax.random.normal(noise_key, (n - n // 2, latent_dim))])
-    log_prior = _log_normal(z, 0.0, 0.0)
-    log_near = jax.nn.logsumexp(_log_normal(z[:, None], means, log_vars), axis=1) - jnp.log(
-        len(near))
-    return z, log_prior - jnp.logaddexp(log_prior, log_near) + jnp.log(2.0)
+    local = run.model.apply(variables, near, method='posterior')   # means, log_vars (k, d)
+    return aggregate_draws(key, *local, n), jnp.zeros(n), local
 
-  def refine(data, key, z, log_likelihood, num_steps):
+  def refine(data, local, key, z, log_likelihood, num_steps):
     del data
-    return mala(key, z, lambda z: log_likelihood(z) + _log_normal(z, 0.0, 0.0), num_steps)
+    log_prior = (lambda z: _log_normal(z, 0.0, 0.0)) if local is None else functools.partial(
+        log_aggregate, *local)
+    return mala(key, z, lambda z: log_likelihood(z) + log_prior(z), num_steps)
 
   return Family(
       decode=lambda variables, z, m: run.model.apply(variables, z, m, method=_decode),
@@ -241,9 +265,10 @@ def vq_family(run, prior_model, prior_params, pool):
     log_p = jnp.concatenate([data['pool_log_prior'], log_prior(data['prior_params'], codes[-k:])])
     log_q = jnp.logaddexp(log_p, jnp.log(copies / k))
     weight = jnp.where(jnp.arange(len(codes)) < len(pool), 0.0, jnp.log(n / k))
-    return codes, log_p - log_q + weight
+    return codes, log_p - log_q + weight, None
 
-  def refine(data, key, codes, log_likelihood, num_steps):
+  def refine(data, local, key, codes, log_likelihood, num_steps):
+    del local
     return code_mh(key, codes, functools.partial(logits_fn, data['prior_params']), log_likelihood,
                    num_steps)
 
@@ -271,10 +296,13 @@ def prior_pool(workdir, run, prior_model, prior_params, size=POOL_SIZE, seed=0):
   return np.asarray(cached(pathlib.Path(workdir) / CACHE_DIR / 'prior_codes.json', draw), np.int32)
 
 
-def cached(path, compute):
-  """The JSON content of `path`, or compute() written there (unless the folder is read-only)."""
+def cached(path, compute, current=lambda value: True):
+  """The JSON content of `path` where current(content), or compute() written there (unless the
+  folder is read-only)."""
   try:
-    return workdir_lib.read_json(path)
+    value = workdir_lib.read_json(path)
+    if current(value):
+      return value
   except (OSError, UserError):  # absent, or cut short
     pass
   value = compute()
@@ -304,36 +332,60 @@ def nearest(x, mask, images, k):
   return images[jax.lax.top_k(-distances, k)[1]]
 
 
+def _decoder(family, variables, m):
+  """z (n, ...) -> f(z, m) (n, H, W, C), m (1, H, W, 1 + C) or None."""
+  return lambda z: family.decode(variables, z, None if m is None else jnp.broadcast_to(
+      m, (len(z), *m.shape[1:])))
+
+
+def posterior_proposals(key, x, mask, variables, data, search, *, family, settings):
+  """Proposals z (n, ...) for image x (H, W, C) observed where mask (H, W, 1) is 1, with
+  log p(z) - log q(z) (n,), the prior's `local` part, and the squared error of g(z) on the
+  observed pixels (n,), whose scaled negative half is the log-likelihood."""
+  if settings.neighbours:
+    near = nearest(x, mask, search, settings.neighbours)
+    proposals, log_ratio, local = family.guided(variables, data, key, settings.num_proposals, near)
+  else:
+    proposals, log_ratio, local = family.prior(data, key, settings.num_proposals), 0.0, None
+  return proposals, log_ratio, local, observed_error(family, variables, proposals, x, mask)
+
+
+def observed_error(family, variables, z, x, mask):
+  """sum over the observed pixels of (g(z) - x)^2: (n,)."""
+  return jnp.sum(jnp.square(mask * (family.decode(variables, z, None) - x)), axis=(1, 2, 3))
+
+
 def complete_image(key, x, mask, variables, data, search, *, run, family, noise, method,
                    num_samples, settings):
   """Samples (S, H, W, C) of image x (H, W, C, hidden pixels 0) observed where mask (H, W, 1) is 1,
-  with the mean and std (H, W, C) of the completion. search: training images (N, H, W, C)."""
-  m = _conditioning(run, x, mask)
+  with the mean and std (H, W, C) of the completion. search: training images (N, H, W, C).
 
-  def decode(z):
-    return family.decode(variables, z, None if m is None else jnp.broadcast_to(
-        m, (len(z), *m.shape[1:])))
-
-  def log_likelihood(z):
-    residual = mask * (decode(z) - x)
-    return -0.5 * jnp.sum(jnp.square(residual), axis=(1, 2, 3)) / noise['observed'] ** 2
-
-  prior_key, resample_key, refine_key, noise_key = jax.random.split(key, 4)
+  Posterior: the mean and std are importance-weighted over all proposals, a
+  lower-variance estimate than the average of the S samples; the samples are
+  resampled proposals moved by MCMC.
+  """
+  decode = _decoder(family, variables, _conditioning(run, x, mask))
+  proposal_key, resample_key, refine_key, noise_key = jax.random.split(key, 4)
   if method == 'prior':
-    z = family.prior(data, prior_key, num_samples)
+    z = family.prior(data, proposal_key, num_samples)
+    means = decode(z)
+    mean, var = jnp.mean(means, axis=0), jnp.var(means, axis=0)
   else:
-    if settings.neighbours:
-      near = nearest(x, mask, search, settings.neighbours)
-      proposals, log_ratio = family.guided(variables, data, prior_key, settings.num_proposals, near)
-    else:
-      proposals, log_ratio = family.prior(data, prior_key, settings.num_proposals), 0.0
-    chosen = jax.random.categorical(resample_key, log_likelihood(proposals) + log_ratio,
-                                    shape=(num_samples,))
-    z = family.refine(data, refine_key, proposals[chosen], log_likelihood, settings.num_steps)
-  means = decode(z)
+    proposals, log_ratio, local, error = posterior_proposals(
+        proposal_key, x, mask, variables, data, search, family=family, settings=settings)
+    log_weights = log_ratio - 0.5 * error / noise['likelihood'] ** 2
+    weights = jax.nn.softmax(log_weights)
+    completions = decode(proposals)
+    mean = jnp.tensordot(weights, completions, 1)
+    var = jnp.tensordot(weights, jnp.square(completions - mean), 1)
+    chosen = jax.random.categorical(resample_key, log_weights, shape=(num_samples,))
+    z = family.refine(data, local, refine_key, proposals[chosen],
+                      lambda z: -0.5 * observed_error(family, variables, z, x, mask)
+                      / noise['likelihood'] ** 2, settings.num_steps)
+    means = decode(z)
   scale = jnp.where(mask > 0, noise['observed'], noise['hidden'])
   samples = jnp.clip(means + scale * jax.random.normal(noise_key, means.shape), *VALUE_RANGE)
-  return samples, jnp.mean(means, axis=0), jnp.sqrt(jnp.var(means, axis=0) + scale ** 2)
+  return samples, mean, jnp.sqrt(var + scale ** 2)
 
 
 def completion_fn(completer, method, num_samples, settings):
@@ -355,44 +407,93 @@ def completion_fn(completer, method, num_samples, settings):
 # Noise scales.
 
 def residual_sums(state, images, weights, key, *, config):
-  """Squared residuals and pixel counts, observed and hidden, of the decoder given the encoder's z.
+  """Squared residuals and pixel counts of the decoders given the encoder's z: g on all pixels
+  ('likelihood'), f on the observed and the hidden ones.
 
   Masks come from the run's training distribution (config.mask); method none
-  has no mask, all its pixels count as observed.
+  has no mask (f is g), all its pixels count as observed.
   """
   mask_key, z_key = jax.random.split(key)
   if config.method == 'none':
     mask = jnp.ones((*images.shape[:3], 1))
-    conds = {'out': None}
+    conds = {'out': None, 'plain': None}
   else:
     mask = masks.batch_masks(mask_key, images, masks.mask_fn(config.mask))
-    conds = {'out': masks.conditioning(images, mask)}
+    conds = {'out': masks.conditioning(images, mask), 'plain': None}
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   outputs, _ = state.apply_fn(variables, images, conds, z_key, train=False)
   squared = jnp.square(outputs['out'] - images)
   rows = weights[:, None, None, None]
   return {'observed': jnp.sum(squared * mask * rows), 'hidden': jnp.sum(squared * (1 - mask) * rows),
+          'likelihood': jnp.sum(jnp.square(outputs['plain'] - images) * rows),
           'observed_pixels': jnp.sum(jnp.broadcast_to(mask, images.shape) * rows),
           'hidden_pixels': jnp.sum(jnp.broadcast_to(1 - mask, images.shape) * rows)}
 
 
-def estimate_noise(run):
-  """{'observed': s_obs, 'hidden': s_hid}: RMS residuals on up to NOISE_IMAGES validation images.
+def calibration_errors(key, truth, mask, variables, data, search, *, run, family, settings, s_g):
+  """Squared errors (len(LIKELIHOOD_FACTORS),) on the hidden pixels of image truth (H, W, C),
+  observed where mask (H, W, 1) is 1, of the posterior mean with each likelihood scale
+  s_g * factor."""
+  x = truth * mask
+  proposals, log_ratio, _, error = posterior_proposals(key, x, mask, variables, data, search,
+                                                       family=family, settings=settings)
+  completions = _decoder(family, variables, _conditioning(run, x, mask))(proposals)
+  hidden = jnp.broadcast_to(1 - mask, truth.shape)
 
-  Method none has one decoder error for all pixels (both equal).
+  def squared_error(factor):
+    weights = jax.nn.softmax(log_ratio - 0.5 * error / (s_g * factor) ** 2)
+    return jnp.sum(jnp.square(jnp.tensordot(weights, completions, 1) - truth) * hidden)
+
+  return jax.vmap(squared_error)(jnp.asarray(LIKELIHOOD_FACTORS))
+
+
+def likelihood_scale(run, family, search, s_g, settings=Settings()):
+  """s_lik: s_g times the LIKELIHOOD_FACTORS entry whose posterior mean has the lowest hidden-pixel
+  error on up to CALIBRATION_IMAGES validation images, masks from the run's distribution.
+
+  s_g, g's error given the encoder's own z, is the noise of a perfect
+  posterior; the posterior here has only the training images' encodings to
+  offer, which fit the observed pixels of a new image less closely.
   """
+  images = jnp.asarray(run.splits.validation[:CALIBRATION_IMAGES])
+  mask_key, key = jax.random.split(jax.random.fold_in(run.eval_key, 2))
+  mask = masks.batch_masks(mask_key, images, masks.mask_fn(run.config.mask))
+  variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
+  fn = jax.jit(jax.vmap(functools.partial(calibration_errors, run=run, family=family,
+                                          settings=settings, s_g=s_g),
+                        in_axes=(0, 0, 0, None, None, None)))
+  size = chunk_size(len(images), 1, settings, run.config.model)
+  keys = jax.random.split(key, len(images))
+  errors = sum(np.sum(np.asarray(fn(keys[start:start + size], images[start:start + size],
+                                    mask[start:start + size], variables, family.data, search)),
+                      axis=0)
+               for start in range(0, len(images) - size + 1, size))  # whole chunks: one shape
+  return float(s_g * LIKELIHOOD_FACTORS[int(np.argmin(errors))])
+
+
+def estimate_noise(run, family, search):
+  """{'likelihood': s_lik, 'observed': s_obs, 'hidden': s_hid}: RMS residuals on up to
+  NOISE_IMAGES validation images (method none: one decoder error for all pixels), s_lik
+  calibrated by likelihood_scale."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
                        images, run.config.train.batch_size, jax.random.fold_in(run.eval_key, 1))
   observed = float(np.sqrt(sums['observed'] / sums['observed_pixels']))
-  hidden = observed if run.config.method == 'none' else float(
-      np.sqrt(sums['hidden'] / sums['hidden_pixels']))
-  return {'observed': observed, 'hidden': hidden}
+  if run.config.method == 'none':
+    s_g, hidden = observed, observed
+  else:
+    pixels = sums['observed_pixels'] + sums['hidden_pixels']
+    s_g = float(np.sqrt(sums['likelihood'] / pixels))
+    hidden = float(np.sqrt(sums['hidden'] / sums['hidden_pixels']))
+  return {'likelihood': likelihood_scale(run, family, search, s_g), 'observed': observed,
+          'hidden': hidden}
 
 
-def noise_scales(workdir, run):
+def noise_scales(workdir, run, family, search):
   """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json."""
-  return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json', lambda: estimate_noise(run))
+  return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json',
+                lambda: estimate_noise(run, family, search),
+                current=lambda noise: set(noise) == {'likelihood', 'observed', 'hidden'})
 
 
 def completer(workdir, run=None):
@@ -404,8 +505,9 @@ def completer(workdir, run=None):
     family = vq_family(run, prior_model, prior_state.params, jnp.asarray(pool))
   else:
     family = gaussian_family(run)
-  train_images = run.splits.train[:max(1, SEARCH_VALUES // math.prod(run.splits.train.shape[1:]))]
-  return Completer(run, family, noise_scales(workdir, run), jnp.asarray(train_images), {})
+  search = jnp.asarray(
+      run.splits.train[:max(1, SEARCH_VALUES // math.prod(run.splits.train.shape[1:]))])
+  return Completer(run, family, noise_scales(workdir, run, family, search), search, {})
 
 
 # Checked inputs.

@@ -12,6 +12,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import scipy.stats
 from PIL import Image
 
 from conftest import device_env, small_config
@@ -119,28 +120,34 @@ def test_nearest_finds_the_closest_images_on_the_observed_pixels_only():
   np.testing.assert_allclose(near[:, 0, 0, 0], [0.1, 0.2])
 
 
-def test_guided_proposals_are_weighted_to_the_prior(gaussian_run):
-  """With a flat likelihood, proposals near the encodings of given images, weighted by
-  p(z) / q(z), must average like draws from the prior N(0, I)."""
-  _, helper = gaussian_run
-  run, family = helper.run, helper.family
-  variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
-  near = run.splits.test[:4]
-  z, log_ratio = jax.jit(family.guided, static_argnums=3)(
-      variables, family.data, jax.random.key(0), 40_000, near)
-  weights = np.asarray(jax.nn.softmax(log_ratio))
-  z = np.asarray(z)
-  assert 1 / np.sum(weights ** 2) > 1_000  # enough effective draws for the checks below
-  np.testing.assert_allclose(weights @ z, 0.0, atol=0.06)
-  np.testing.assert_allclose(weights @ np.square(z), 1.0, atol=0.1)
-  # the unweighted draws are far from the prior: the weights do the work
-  assert np.abs(z.mean(axis=0)).max() > 0.2
+def test_mala_leaves_the_aggregate_posterior_invariant():
+  """Chains started from draws of a two-component mixture, moved by MALA with a flat likelihood,
+  must keep the mixture's moments; its log density must be the mixture's."""
+  means = np.array([[-1.0, 0.5], [2.0, 0.0]], np.float32)
+  log_vars = np.log(np.array([[0.25, 1.0], [0.5, 0.04]], np.float32))
+  z = completion.aggregate_draws(jax.random.key(0), means, log_vars, 20_000)
+  moved = completion.mala(jax.random.key(1), z, lambda z: completion.log_aggregate(means, log_vars, z), 20)
+  expected_mean = means.mean(axis=0)
+  expected_var = np.exp(log_vars).mean(axis=0) + means.var(axis=0)
+  for draws in (np.asarray(z), np.asarray(moved)):
+    np.testing.assert_allclose(draws.mean(axis=0), expected_mean, atol=0.04)
+    np.testing.assert_allclose(draws.var(axis=0), expected_var, rtol=0.05)
+  assert np.mean(np.any(np.asarray(moved) != np.asarray(z), axis=1)) > 0.3   # the chains moved
+  point = np.array([[0.3, -0.2]], np.float32)
+  densities = [scipy.stats.multivariate_normal(mu, np.diag(np.exp(lv))).pdf(point[0])
+               for mu, lv in zip(means, log_vars)]
+  np.testing.assert_allclose(completion.log_aggregate(means, log_vars, point)[0],
+                             np.log(np.mean(densities)) + np.log(2 * np.pi), rtol=1e-5)
 
 
 def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   workdir, helper = gaussian_run
   noise = helper.noise
   assert 0 < noise['observed'] < noise['hidden'] < 0.5
+  # s_lik is g's error times a calibrated factor; g sees no pixel, so its error is above f's
+  # on the pixels f is shown
+  s_g = [noise['likelihood'] / factor for factor in completion.LIKELIHOOD_FACTORS]
+  assert any(noise['observed'] < s < 0.5 for s in s_g)
   assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == noise
 
 

@@ -416,7 +416,7 @@ def residual_sums(state, images, weights, key, *, config):
   mask_key, z_key = jax.random.split(key)
   if config.method == 'none':
     mask = jnp.ones((*images.shape[:3], 1))
-    conds = {'out': None, 'plain': None}
+    conds = {'out': None}   # f is g
   else:
     mask = masks.batch_masks(mask_key, images, masks.mask_fn(config.mask))
     conds = {'out': masks.conditioning(images, mask), 'plain': None}
@@ -425,7 +425,7 @@ def residual_sums(state, images, weights, key, *, config):
   squared = jnp.square(outputs['out'] - images)
   rows = weights[:, None, None, None]
   return {'observed': jnp.sum(squared * mask * rows), 'hidden': jnp.sum(squared * (1 - mask) * rows),
-          'likelihood': jnp.sum(jnp.square(outputs['plain'] - images) * rows),
+          'likelihood': jnp.sum(jnp.square(outputs.get('plain', outputs['out']) - images) * rows),
           'observed_pixels': jnp.sum(jnp.broadcast_to(mask, images.shape) * rows),
           'hidden_pixels': jnp.sum(jnp.broadcast_to(1 - mask, images.shape) * rows)}
 

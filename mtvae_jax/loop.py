@@ -89,8 +89,8 @@ def guarded_step(state, sums, health, batch, key, *, step_fn, on_nonfinite):
   ok = jnp.all(finite)
   first = health['bad_step'] < 0
   apply = ok & first if on_nonfinite == 'stop' else ok
-  state = jax.tree.map(lambda new, old: jnp.where(apply, new, old), new_state, state)
-  state = state.replace(step=new_state.step)
+  # cond, not a select per leaf: XLA:CPU then runs no kernel per leaf of the state.
+  state = jax.lax.cond(apply, lambda: new_state, lambda: state).replace(step=new_state.step)
   sums = jax.tree.map(lambda total, value: total + jnp.where(ok, value, 0), sums,
                       dict(metrics, steps=jnp.ones((), jnp.float32)))
   record = ~ok & first

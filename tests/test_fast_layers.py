@@ -52,21 +52,26 @@ def _assert_same_layer(fast, plain, x, out_shape):
   jax.tree.map(_close, fast_results, derivatives(plain, variables, x, cotangent, tangents))
 
 
-@pytest.mark.parametrize('kernel,features,side', [(3, 7, 5), (4, 7, 5), (4, 3, 4)])
+# side 1: a grid smaller than the phases' kernels (conv_by_matmul)
+@pytest.mark.parametrize('kernel,features,side', [(3, 7, 5), (4, 7, 5), (4, 3, 4), (3, 7, 1)])
 def test_up_has_the_parameters_and_derivatives_of_flax_conv_transpose(kernel, features, side):
   x = jax.random.normal(jax.random.key(0), (3, side, side + 1, 4))
   _assert_same_layer(layers.up(features, kernel), plain_up(features, kernel), x,
                      (3, 2 * side, 2 * side + 2, features))
 
 
-# stride 2 (conv_down's own tangent) with 3x3, 4x4 and 5x5 kernels; stride 1; 1x1 as a product
-@pytest.mark.parametrize('kernel,stride,use_bias,features', [
-    (3, 2, True, 7), (4, 2, True, 7), (5, 2, False, 3), (3, 1, True, 3), (1, 1, False, 7)])
-def test_conv_has_the_parameters_and_derivatives_of_flax_conv(kernel, stride, use_bias, features):
-  x = jax.random.normal(jax.random.key(0), (3, 6, 8, 4))
+# stride 2 (conv_down's own tangent) with 3x3, 4x4 and 5x5 kernels; stride 1; 1x1 as a product;
+# grids smaller than the kernel (conv_by_matmul), stride 2 and 1
+@pytest.mark.parametrize('kernel,stride,use_bias,features,grid', [
+    (3, 2, True, 7, (6, 8)), (4, 2, True, 7, (6, 8)), (5, 2, False, 3, (6, 8)),
+    (3, 1, True, 3, (6, 8)), (1, 1, False, 7, (6, 8)), (3, 2, True, 7, (2, 4)),
+    (3, 1, True, 7, (2, 6))])
+def test_conv_has_the_parameters_and_derivatives_of_flax_conv(kernel, stride, use_bias, features,
+                                                              grid):
+  x = jax.random.normal(jax.random.key(0), (3, *grid, 4))
   _assert_same_layer(layers.Conv(features, kernel, stride, use_bias),
                      plain_conv(features, kernel, stride, use_bias), x,
-                     (3, 6 // stride, 8 // stride, features))
+                     (3, grid[0] // stride, grid[1] // stride, features))
 
 
 def plain_dense(features):

@@ -12,7 +12,10 @@ phases, whose transpose (the input gradient) is stride-1 convolutions too.
 Where XLA's own gradient of a layer is slow, the layer is a jax.custom_jvp
 function whose tangent, linear in the tangents, is written in the form
 whose transpose is the fast gradient; so every layer has forward- and
-reverse-mode derivatives.
+reverse-mode derivatives. On grids smaller than the kernel (the last levels
+of a network on 8x8 images), XLA:CPU's convolution is slower still, by up
+to 20x: there a convolution is a matrix product of the image's patches
+(`conv_by_matmul`), whose plain derivatives are matrix products too.
 """
 import flax.linen as nn
 import jax
@@ -51,8 +54,35 @@ def up_padding(kernel):
   return kernel - 2, kernel - 2 + kernel % 2
 
 
+def _small(x, kernel):
+  """Whether the grid of x (B, H, W, c) is smaller than the kernel (kh, kw, c, f) on a side."""
+  return x.shape[1] < kernel.shape[0] or x.shape[2] < kernel.shape[1]
+
+
+def conv_by_matmul(x, kernel, padding, stride=1):
+  """_conv as one matrix product: (B * h' * w', kh * kw * c) patches by (kh * kw * c, f).
+
+  The patch of each output position is its kh * kw shifted windows of the
+  padded x side by side, in the kernel's (row, column, channel) order.
+  Padding may be negative (a crop), as in lax.conv_general_dilated.
+  """
+  (low_h, high_h), (low_w, high_w) = padding
+  kh, kw, _, features = kernel.shape
+  x = jax.lax.pad(x, jnp.zeros((), x.dtype),
+                  ((0, 0, 0), (low_h, high_h, 0), (low_w, high_w, 0), (0, 0, 0)))
+  height, width = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  patches = jnp.concatenate(
+      [x[:, i:i + stride * (height - 1) + 1:stride, j:j + stride * (width - 1) + 1:stride]
+       for i in range(kh) for j in range(kw)], axis=-1)
+  return (patches.reshape(-1, patches.shape[-1]) @ kernel.reshape(-1, features)).reshape(
+      x.shape[0], height, width, features)
+
+
 def _conv(x, kernel, padding, stride=1):
-  """lax.conv_general_dilated in NHWC / HWIO with padding ((low, high), (low, high))."""
+  """lax.conv_general_dilated in NHWC / HWIO with padding ((low, high), (low, high)); a
+  matrix product of patches on a grid smaller than the kernel."""
+  if _small(x, kernel):
+    return conv_by_matmul(x, kernel, padding, stride)
   return jax.lax.conv_general_dilated(x, kernel, (stride, stride), padding,
                                       dimension_numbers=_NHWC)
 
@@ -229,12 +259,13 @@ def conv(x, kernel, stride=1):
   """The models' convolutions, stride 1 or 2, padding (k - 1) // 2.
 
   x: (B, H, W, c), kernel: (k, k, c, f) -> (B, H / stride, W / stride, f).
-  Stride 2 is conv_down; a 1x1 kernel runs as a matrix product, whose
+  Stride 2 is conv_down (on a grid smaller than the kernel, conv_by_matmul
+  with its own derivatives); a 1x1 kernel runs as a matrix product, whose
   kernel gradient XLA's CPU backend runs faster than a 1x1 convolution's;
   a layer with an image's few output channels is conv_to_image.
   """
   if stride == 2:
-    return conv_down(x, kernel)
+    return _strided(x, kernel) if _small(x, kernel) else conv_down(x, kernel)
   if kernel.shape[0] == 1:
     return (x.reshape(-1, x.shape[-1]) @ kernel[0, 0]).reshape(*x.shape[:-1], kernel.shape[-1])
   if kernel.shape[-1] <= IMAGE_CHANNELS:
@@ -276,6 +307,8 @@ class ConvTranspose(nn.Module):
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
+    if _small(x, kernel[::2, ::2]):  # phases by conv_by_matmul, whose own derivatives are fast
+      return conv_transpose_by_phases(x, kernel) + bias
     return conv_up(x, kernel) + bias
 
 

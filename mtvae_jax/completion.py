@@ -42,9 +42,12 @@ lower-variance estimate than an average of the resampled few. The scales are
 root mean squared residuals on validation images given the encoder's z
 (completion/noise.json): s = s_obs and s_hid of f on the observed and hidden
 pixels of masks from the run's own mask distribution; and s_lik, g's error s_g
-over all pixels times the factor (likelihood_scale) whose posterior mean
-completes validation images best, as the training images' encodings fit a new
-image's pixels less closely than its own encoding would.
+over all pixels times a factor, as the training images' encodings fit a new
+image's pixels less closely than its own encoding would. The best factor
+depends on how many pixels are observed (more where many are: their
+residuals are correlated), so likelihood_scales calibrates one per observed
+fraction in CALIBRATION_FRACTIONS, whose posterior mean completes validation
+images best, and an image takes the factor interpolated at its own fraction.
 
 Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
@@ -69,7 +72,8 @@ METHODS = ('posterior', 'prior')
 VALUE_RANGE = (0.0, 1.0)    # the data loaders' range, and the decoders' (a sigmoid)
 CACHE_DIR = 'completion'
 NOISE_IMAGES = 2048          # validation images behind the noise scales
-CALIBRATION_IMAGES = 256     # validation images behind the likelihood scale
+CALIBRATION_IMAGES = 64      # validation images behind each likelihood scale
+CALIBRATION_FRACTIONS = (0.01, 0.04, 0.15, 0.5)   # observed fractions with a likelihood scale
 LIKELIHOOD_FACTORS = (1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)   # candidate s_lik / s_g
 POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
 SEARCH_VALUES = 2 ** 26      # at most this many pixel values of training images are searched
@@ -107,7 +111,7 @@ class Completer(NamedTuple):
   """A loaded run, ready to complete images: see `completer`."""
   run: train.Run
   family: Family
-  noise: dict      # {'observed': s_obs, 'hidden': s_hid}
+  noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'likelihood': s_lik per fraction}
   search: Any      # (N, H, W, C) training images searched for the nearest ones
   functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
 
@@ -373,7 +377,8 @@ def complete_image(key, x, mask, variables, data, search, *, run, family, noise,
   else:
     proposals, log_ratio, local, error = posterior_proposals(
         proposal_key, x, mask, variables, data, search, family=family, settings=settings)
-    log_weights = log_ratio - 0.5 * error / noise['likelihood'] ** 2
+    s_lik = likelihood_scale(noise['likelihood'], mask)
+    log_weights = log_ratio - 0.5 * error / s_lik ** 2
     weights = jax.nn.softmax(log_weights)
     completions = decode(proposals)
     mean = jnp.tensordot(weights, completions, 1)
@@ -381,7 +386,7 @@ def complete_image(key, x, mask, variables, data, search, *, run, family, noise,
     chosen = jax.random.categorical(resample_key, log_weights, shape=(num_samples,))
     z = family.refine(data, local, refine_key, proposals[chosen],
                       lambda z: -0.5 * observed_error(family, variables, z, x, mask)
-                      / noise['likelihood'] ** 2, settings.num_steps)
+                      / s_lik ** 2, settings.num_steps)
     means = decode(z)
   scale = jnp.where(mask > 0, noise['observed'], noise['hidden'])
   samples = jnp.clip(means + scale * jax.random.normal(noise_key, means.shape), *VALUE_RANGE)
@@ -447,34 +452,50 @@ def calibration_errors(key, truth, mask, variables, data, search, *, run, family
   return jax.vmap(squared_error)(jnp.asarray(LIKELIHOOD_FACTORS))
 
 
-def likelihood_scale(run, family, search, s_g, settings=Settings()):
-  """s_lik: s_g times the LIKELIHOOD_FACTORS entry whose posterior mean has the lowest hidden-pixel
-  error on up to CALIBRATION_IMAGES validation images, masks from the run's distribution.
+def likelihood_scale(scales, mask):
+  """s_lik for an image observed where mask (H, W, 1) is 1: `scales` (one per
+  CALIBRATION_FRACTIONS entry) interpolated at its observed fraction on log scales, the end
+  values beyond them."""
+  fraction = jnp.maximum(jnp.mean(mask), 1e-6)
+  return jnp.exp(jnp.interp(jnp.log(fraction), jnp.log(jnp.asarray(CALIBRATION_FRACTIONS)),
+                            jnp.log(jnp.asarray(scales))))
+
+
+def likelihood_scales(run, family, search, s_g, settings=Settings()):
+  """[s_lik per CALIBRATION_FRACTIONS entry]: s_g times the LIKELIHOOD_FACTORS entry whose
+  posterior mean has the lowest hidden-pixel error on CALIBRATION_IMAGES validation images,
+  masks of that fraction's pixel count by the run's mask sampling.
 
   s_g, g's error given the encoder's own z, is the noise of a perfect
   posterior; the posterior here has only the training images' encodings to
   offer, which fit the observed pixels of a new image less closely.
   """
   images = jnp.asarray(run.splits.validation[:CALIBRATION_IMAGES])
-  mask_key, key = jax.random.split(jax.random.fold_in(run.eval_key, 2))
-  mask = masks.batch_masks(mask_key, images, masks.mask_fn(run.config.mask))
   variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
   fn = jax.jit(jax.vmap(functools.partial(calibration_errors, run=run, family=family,
                                           settings=settings, s_g=s_g),
                         in_axes=(0, 0, 0, None, None, None)))
   size = chunk_size(len(images), 1, settings, run.config.model)
-  keys = jax.random.split(key, len(images))
-  errors = sum(np.sum(np.asarray(fn(keys[start:start + size], images[start:start + size],
-                                    mask[start:start + size], variables, family.data, search)),
-                      axis=0)
-               for start in range(0, len(images) - size + 1, size))  # whole chunks: one shape
-  return float(s_g * LIKELIHOOD_FACTORS[int(np.argmin(errors))])
+  pixels = math.prod(images.shape[1:3])
+  scales = []
+  for index, fraction in enumerate(CALIBRATION_FRACTIONS):
+    mask_config = run.config.mask.copy_and_resolve_references()
+    mask_config.num_pixels = max(1, round(fraction * pixels))
+    mask_key, key = jax.random.split(jax.random.fold_in(run.eval_key, 2 + index))
+    mask = masks.batch_masks(mask_key, images, masks.mask_fn(mask_config, count='fixed'))
+    keys = jax.random.split(key, len(images))
+    errors = sum(np.sum(np.asarray(fn(keys[start:start + size], images[start:start + size],
+                                      mask[start:start + size], variables, family.data, search)),
+                        axis=0)
+                 for start in range(0, len(images) - size + 1, size))  # whole chunks: one shape
+    scales.append(float(s_g * LIKELIHOOD_FACTORS[int(np.argmin(errors))]))
+  return scales
 
 
 def estimate_noise(run, family, search):
-  """{'likelihood': s_lik, 'observed': s_obs, 'hidden': s_hid}: RMS residuals on up to
-  NOISE_IMAGES validation images (method none: one decoder error for all pixels), s_lik
-  calibrated by likelihood_scale."""
+  """{'likelihood': [s_lik per CALIBRATION_FRACTIONS entry], 'observed': s_obs, 'hidden': s_hid}:
+  RMS residuals on up to NOISE_IMAGES validation images (method none: one decoder error for all
+  pixels), s_lik calibrated by likelihood_scales."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
                        images, run.config.train.batch_size, jax.random.fold_in(run.eval_key, 1))
@@ -485,7 +506,7 @@ def estimate_noise(run, family, search):
     pixels = sums['observed_pixels'] + sums['hidden_pixels']
     s_g = float(np.sqrt(sums['likelihood'] / pixels))
     hidden = float(np.sqrt(sums['hidden'] / sums['hidden_pixels']))
-  return {'likelihood': likelihood_scale(run, family, search, s_g), 'observed': observed,
+  return {'likelihood': likelihood_scales(run, family, search, s_g), 'observed': observed,
           'hidden': hidden}
 
 
@@ -493,7 +514,9 @@ def noise_scales(workdir, run, family, search):
   """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json."""
   return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json',
                 lambda: estimate_noise(run, family, search),
-                current=lambda noise: set(noise) == {'likelihood', 'observed', 'hidden'})
+                current=lambda noise: set(noise) == {'likelihood', 'observed', 'hidden'}
+                and isinstance(noise['likelihood'], list)
+                and len(noise['likelihood']) == len(CALIBRATION_FRACTIONS))
 
 
 def completer(workdir, run=None):

@@ -144,11 +144,27 @@ def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   workdir, helper = gaussian_run
   noise = helper.noise
   assert 0 < noise['observed'] < noise['hidden'] < 0.5
-  # s_lik is g's error times a calibrated factor; g sees no pixel, so its error is above f's
-  # on the pixels f is shown
-  s_g = [noise['likelihood'] / factor for factor in completion.LIKELIHOOD_FACTORS]
-  assert any(noise['observed'] < s < 0.5 for s in s_g)
+  # each s_lik is g's error times a calibrated factor; g sees no pixel, so its error is above
+  # f's on the pixels f is shown
+  assert len(noise['likelihood']) == len(completion.CALIBRATION_FRACTIONS)
+  candidates = [{round(scale / factor, 6) for factor in completion.LIKELIHOOD_FACTORS}
+                for scale in noise['likelihood']]
+  s_g = set.intersection(*candidates)
+  assert len(s_g) >= 1 and all(noise['observed'] < s < 0.5 for s in s_g)
   assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == noise
+
+
+def test_likelihood_scale_interpolates_the_calibrated_scales_at_the_observed_fraction():
+  fractions = completion.CALIBRATION_FRACTIONS
+  scales = [0.1 * 2 ** i for i in range(len(fractions))]
+  scale_at = lambda fraction: float(completion.likelihood_scale(
+      scales, (np.arange(10_000) < fraction * 10_000).astype(np.float32).reshape(100, 100, 1)))
+  for fraction, scale in zip(fractions, scales):
+    np.testing.assert_allclose(scale_at(fraction), scale, rtol=1e-4)
+  middle = float(np.sqrt(fractions[0] * fractions[1]))   # halfway on log scales: geometric mean
+  np.testing.assert_allclose(scale_at(middle), np.sqrt(scales[0] * scales[1]), rtol=1e-3)
+  np.testing.assert_allclose(scale_at(fractions[0] / 10), scales[0], rtol=1e-4)
+  np.testing.assert_allclose(scale_at(1.0), scales[-1], rtol=1e-4)
 
 
 def test_complete_takes_nans_at_hidden_pixels_a_shared_mask_and_is_reproducible(gaussian_run):

@@ -75,7 +75,7 @@ def verify(manager, step):
 
 def managers(workdir, keep_latest):
   """(best, latest) checkpoint managers under workdir/checkpoints."""
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # 0.5 s: when a run starts
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top  # slow to import: when a run starts
   root = pathlib.Path(workdir).absolute() / 'checkpoints'
   best = ocp.CheckpointManager(root / 'best', options=ocp.CheckpointManagerOptions(max_to_keep=1))
   latest = ocp.CheckpointManager(root / 'latest',

@@ -18,7 +18,7 @@ RECON_LABEL = 'mean squared error per pixel value'
 
 
 def _figure(**kwargs):
-  """A matplotlib Figure of `kwargs`, rendered by Agg (matplotlib takes 0.3 s to import)."""
+  """A matplotlib Figure of `kwargs`, rendered by Agg (matplotlib, slow to import, only here)."""
   from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
   return Figure(**kwargs)
 

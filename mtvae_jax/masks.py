@@ -74,8 +74,8 @@ def uniform_mask(key, k, shape):
 def rank_below(scores, k):
   """(N,) scores in [0, 1) -> (N,) bool: argsort(argsort(scores)) < k, without sorting.
 
-  The two sorts cost 35 ms per batch of 128 images of 32x32 on 2 CPU cores
-  (XLA's CPU sort is slow), a quarter of a Gaussian train step; this costs 3 ms.
+  XLA's CPU sort is slow: the two sorts would cost a sizeable share of a
+  train step on CPUs, this a small fraction of it.
   Bisection over the scores' bit patterns (ordered as the nonnegative
   floats are) finds the k-th smallest score t in 30 counting passes; the
   mask holds the scores below t and, of those equal to t, the first ones

@@ -155,7 +155,7 @@ def stream(source, index_batches, num_workers):
   """
   if isinstance(source, Cached):
     return _read_ahead(source.read, index_batches)
-  import grain  # pylint: disable=import-outside-toplevel  # 0.1 s, only for streamed Sources
+  import grain  # pylint: disable=import-outside-toplevel  # only for streamed Sources
   dataset = grain.MapDataset.source(index_batches).map(source.read)
   dataset = dataset.to_iter_dataset(grain.ReadOptions(num_threads=4, prefetch_buffer_size=4))
   if num_workers:

@@ -79,7 +79,7 @@ def reachable(urls):
 
 def open_splits(dataset, data_dir):
   """tfds data sources of dataset.train and dataset.test, downloading the set if needed."""
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # 0.3 s to import
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel  # slow to import
   builder = tfds.builder(dataset.tfds_name, data_dir=data_dir or None, file_format='array_record')
   where = data_dir or tfds.core.constants.DATA_DIR
   if not (builder.data_path.exists() and builder.is_prepared()):  # the first test keeps tfds quiet

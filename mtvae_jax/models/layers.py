@@ -13,9 +13,10 @@ Where XLA's own gradient of a layer is slow, the layer is a jax.custom_jvp
 function whose tangent, linear in the tangents, is written in the form
 whose transpose is the fast gradient; so every layer has forward- and
 reverse-mode derivatives. On grids smaller than the kernel (the last levels
-of a network on 8x8 images), XLA:CPU's convolution is slower still, by up
-to 20x: there a convolution is a matrix product of the image's patches
-(`conv_by_matmul`), whose plain derivatives are matrix products too.
+of a network on 8x8 images), XLA:CPU's convolution is many times slower
+still (BENCHMARKS.md): there a convolution is a matrix product of the
+image's patches (`conv_by_matmul`), whose plain derivatives are matrix
+products too.
 """
 import flax.linen as nn
 import jax

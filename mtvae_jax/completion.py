@@ -467,8 +467,8 @@ def likelihood_scales(run, family, search, s_g, settings=Settings()):
   posterior mean has the lowest hidden-pixel error on CALIBRATION_IMAGES validation images
   observed at that fraction of their pixels, drawn uniformly at random: scattered pixels, as a
   user's sensors are. (Clustered pixels, such as the `gaussian` sampler's, have more correlated
-  residuals and would ask for wider scales; on the run's own mixture of samplers the calibrated
-  scales are up to 4x wider, and complete scattered pixels worse.)
+  residuals and ask for wider scales: on a run's own mixture of samplers the calibrated scales
+  came out up to 4x wider.)
 
   s_g, g's error given the encoder's own z, is the noise of a perfect
   posterior; the posterior here has only the training images' encodings to

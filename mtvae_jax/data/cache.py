@@ -1,8 +1,9 @@
 """Streamed data sets decoded once into a uint8 cache file, (N, H, W, C) .npy, memory-mapped.
 
 Decoding and resizing a JPEG costs a core more than the smallest network's
-train step per image on an accelerator; reading the cache is a copy. The cache holds every record of a `pipeline.Source` (all splits cut
-from it index the same file) under data.cache_dir (default DEFAULT_DIR; NONE:
+train step per image on an accelerator; reading the cache is a copy. The
+cache holds every record of a `pipeline.Source` (all splits cut from it
+index the same file) under data.cache_dir (default DEFAULT_DIR; NONE:
 no cache, decode every time). Its name is a digest of what produced it (the
 data set name, the Source's identity: the files with sizes and mtimes or the
 tfds builder, version and split; crop, size; the shape), so a changed source

@@ -11,44 +11,43 @@ has two views of an image given its latent z:
 The latents come from
 
   prior:      z ~ p(z), ignoring what the observed pixels say about z;
-  posterior:  z ~ p(z | x_obs) ∝ p(z) N(x_obs; g(z)_obs, s_lik^2). The likelihood
-              goes through g: f reproduces the observed pixels for almost any z
-              (they are its input), so it cannot tell which z explains them.
-              Sampled by importance resampling and then MCMC moves that leave the
-              posterior invariant:
-                Gaussian runs: p(z) is the training set's aggregate posterior
-                  (1/N) sum_j q(z | x_j), restricted to the Settings.neighbours
-                  training images closest to x on its observed pixels, whose
-                  likelihood outweighs the rest. Proposals are drawn from it
-                  (weights: the likelihood alone), the moves are MALA (Langevin
-                  proposals with a Metropolis test), the step size tuned per image
-                  towards an acceptance rate of 0.574 in the first half of the steps.
-                  The model prior N(0, I) is not used here: with a small KL weight
-                  it puts most of its mass where no training image encodes, and
-                  a posterior under it fits the observed pixels with images
-                  unlike any in the data.
-                VQ runs: p(z) is the PixelCNN. Proposals are a pool of its samples
-                  (completion/prior_codes.json) and the codes of the nearest
-                  training images, weighted by p(z) likelihood / proposal share;
-                  the moves are single-site Metropolis-Hastings in raster order,
-                  each code proposed from its PixelCNN conditional given the codes
-                  before it.
+  posterior:  z ~ p(z | x_obs) ∝ p(z) L(x_obs | z), by importance weighting of
+              proposals, then resampling and MCMC moves that leave the posterior
+              invariant. The proposals are the latents of the Settings.neighbours
+              training images closest to x on its observed pixels (the components
+              of the training set's aggregate posterior that its observed pixels
+              select):
+                Gaussian runs: p(z) is that aggregate posterior (1/k) sum_j
+                  q(z | x_j); the proposals are the components' means, the moves
+                  MALA (Langevin proposals with a Metropolis test, the step size
+                  tuned per image towards an acceptance rate of 0.574 in the first
+                  half of the steps). The model prior N(0, I) is not used: with a
+                  small KL weight it puts most of its mass where no training image
+                  encodes, and a posterior under it fits the observed pixels with
+                  images unlike any in the data.
+                VQ runs: p(z) is the PixelCNN. The proposals add a pool of its
+                  samples (completion/prior_codes.json) to the neighbours' codes,
+                  weighted by p(z) / proposal share; the moves are single-site
+                  Metropolis-Hastings in raster order, each code proposed from its
+                  PixelCNN conditional given the codes before it.
+              The likelihood L is exp(-e(z) / t), e the squared error on the
+              observed pixels of either g(z) (source 'decoder'; f reproduces the
+              observed pixels for almost any z, as they are its input, so it
+              cannot tell which z explains them) or the neighbour image whose
+              latent z is (source 'neighbours'; its samples are then drawn from
+              that neighbour's posterior, without moves). The temperature t, the
+              unknown noise, is set per image so that the weights' effective
+              sample size is a target; the source and the target are calibrated
+              per observed fraction (CALIBRATION_FRACTIONS) on validation images,
+              and an image takes those of the fraction nearest its own.
 
-Predictive samples are clip(f(z, m) + s eps, 0, 1) (the data's range). The
-prior method's mean is the average of f(z, m) over its latent samples and its
-std sqrt(var of f(z, m) + s^2); the posterior's mean and variance of f(z, m)
-are weighted over all its proposals by their importance weights, a
-lower-variance estimate than an average of the resampled few. The scales are
-root mean squared residuals on validation images given the encoder's z
-(completion/noise.json): s = s_obs and s_hid of f on the observed and hidden
-pixels of masks from the run's own mask distribution; and s_lik, g's error s_g
-over all pixels times a factor, as the training images' encodings fit a new
-image's pixels less closely than its own encoding would. The best factor
-depends on how many pixels are observed (more where many are: their
-residuals are correlated), so likelihood_scales calibrates one per observed
-fraction in CALIBRATION_FRACTIONS, whose posterior mean completes validation
-images best from that fraction of their pixels (scattered uniformly), and an
-image takes the factor interpolated at its own fraction.
+Predictive samples are clip(f(z, m) + s eps, 0, 1) (the data's range), with s
+= s_obs and s_hid, root mean squared residuals of f given the encoder's z on
+the observed and hidden pixels of validation images (completion/noise.json)
+under the run's own mask distribution. The prior method's mean is the average of
+f(z, m) over its samples; the posterior's mean is weighted over all proposals,
+a lower-variance estimate than an average of the resampled few. The std is
+sqrt(var of f(z, m) over the samples + s^2).
 
 Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
@@ -73,22 +72,25 @@ METHODS = ('posterior', 'prior')
 VALUE_RANGE = (0.0, 1.0)    # the data loaders' range, and the decoders' (a sigmoid)
 CACHE_DIR = 'completion'
 NOISE_IMAGES = 2048          # validation images behind the noise scales
-CALIBRATION_IMAGES = 64      # validation images behind each likelihood scale
-CALIBRATION_FRACTIONS = (0.01, 0.04, 0.15, 0.5)   # observed fractions with a likelihood scale
-LIKELIHOOD_FACTORS = (1.0, 1.4, 2.0, 2.8, 4.0, 5.6, 8.0)   # candidate s_lik / s_g
+CALIBRATION_IMAGES = 128     # validation images behind each weighting choice
+CALIBRATION_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)   # observed fractions calibrated
+SOURCES = ('decoder', 'neighbours')   # what scores a proposal's fit to the observed pixels
+ESS_TARGETS = (4.0, 8.0, 16.0, 32.0)  # candidate effective sample sizes of the weights
 POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
 SEARCH_VALUES = 2 ** 26      # at most this many pixel values of training images are searched
 TARGET_ACCEPTANCE = 0.574    # MALA's optimal acceptance rate (Roberts and Rosenthal, 1998)
 ADAPTATION_RATE = 2.0        # change of log step size per step, per unit of acceptance error
+TEMPERATURE_RANGE = (-20.0, 20.0)   # log temperatures searched by `temper`
+TEMPERATURE_STEPS = 48       # bisection steps of `temper`
 
 
 class Settings(NamedTuple):
-  """Sampler sizes: proposals per image (Gaussian; a VQ run uses its pool), MCMC steps, and the
-  training images closest on the observed pixels that the prior is restricted to (Gaussian) or
-  that add proposals (VQ); 0: the model's own prior, N(0, I) or the PixelCNN, alone."""
+  """Sampler sizes: the training images closest on the observed pixels, whose latents are the
+  proposals (VQ: besides the PixelCNN pool); prior draws as proposals where neighbours is 0 (the
+  model's own prior alone; a VQ run uses its pool); MCMC steps of the samples."""
   num_proposals: int = 256
   num_steps: int = 4
-  neighbours: int = 64
+  neighbours: int = 256
 
 
 class Family(NamedTuple):
@@ -96,14 +98,18 @@ class Family(NamedTuple):
 
   decode(variables, z (n, ...), m (n, H, W, 1 + C) or None) -> (n, H, W, C), None: g(z);
   prior(data, key, n) -> z (n, ...) from the model's prior;
-  guided(variables, data, key, n, near (k, H, W, C)) -> proposals z (n', ...), log p(z) - log q(z)
-    (n',) for their density q, and `local`, what refine needs of the prior given `near`;
+  guided(variables, data, near (k, H, W, C)) -> proposals z (n, ...), log p(z) - log q(z) (n,)
+    for their density q, `local`, what start and refine need of the prior given `near`, and
+    `own` (n,), the row of `near` whose latent each proposal is (-1: none);
+  start(local, key, z, own) -> z: the resampled proposals turned into draws of their
+    neighbour's posterior (Gaussian: around its mean; VQ: its codes as they are);
   refine(data, local, key, z, log_likelihood, num_steps) -> z, MCMC moves targeting
     p(z) exp(log_likelihood(z)) (local None: the model's prior).
   """
   decode: Callable
   prior: Callable
   guided: Callable
+  start: Callable
   refine: Callable
   data: Any
 
@@ -112,7 +118,8 @@ class Completer(NamedTuple):
   """A loaded run, ready to complete images: see `completer`."""
   run: train.Run
   family: Family
-  noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'likelihood': s_lik per fraction}
+  noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'weighting': [[source, ess]] per
+                   # CALIBRATION_FRACTIONS entry}
   search: Any      # (N, H, W, C) training images searched for the nearest ones
   functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
 
@@ -168,11 +175,10 @@ def _log_normal(z, mean, log_var):
   return -0.5 * jnp.sum(jnp.square(z - mean) * jnp.exp(-log_var) + log_var, axis=-1)
 
 
-def aggregate_draws(key, means, log_vars, n):
-  """n draws (n, d) from the mixture (1/k) sum_j N(means_j, diag exp(log_vars_j)), (k, d) each."""
-  pick_key, noise_key = jax.random.split(key)
-  pick = jax.random.randint(pick_key, (n,), 0, len(means))
-  return means[pick] + jnp.exp(0.5 * log_vars[pick]) * jax.random.normal(noise_key, (n, means.shape[1]))
+def component_draws(key, means, log_vars, own):
+  """Draws (n, d) from N(means_j, diag exp(log_vars_j)), (k, d) each, for the components j = own
+  (n,): with own uniform, draws from their mixture (1/k) sum_j N(means_j, ...)."""
+  return means[own] + jnp.exp(0.5 * log_vars[own]) * jax.random.normal(key, (len(own), means.shape[1]))
 
 
 def log_aggregate(means, log_vars, z):
@@ -183,11 +189,14 @@ def log_aggregate(means, log_vars, z):
 def gaussian_family(run):
   latent_dim = run.config.gaussian.latent_dim
 
-  def guided(variables, data, key, n, near):
-    """Draws from the aggregate posterior of `near`, which is the prior here: weights 0."""
+  def guided(variables, data, near):
+    """The posterior means of `near`, the components of the prior here: weights 0."""
     del data
     local = run.model.apply(variables, near, method='posterior')   # means, log_vars (k, d)
-    return aggregate_draws(key, *local, n), jnp.zeros(n), local
+    return local[0], jnp.zeros(len(near)), local, jnp.arange(len(near))
+
+  def start(local, key, z, own):
+    return z if local is None else component_draws(key, *local, own)
 
   def refine(data, local, key, z, log_likelihood, num_steps):
     del data
@@ -198,7 +207,7 @@ def gaussian_family(run):
   return Family(
       decode=lambda variables, z, m: run.model.apply(variables, z, m, method=_decode),
       prior=lambda data, key, n: jax.random.normal(key, (n, latent_dim)),
-      guided=guided, refine=refine, data=None)
+      guided=guided, start=start, refine=refine, data=None)
 
 
 # VQ runs.
@@ -259,18 +268,19 @@ def vq_family(run, prior_model, prior_params, pool):
   def log_prior(params, codes):
     return jnp.sum(code_log_probs(logits_fn(params, codes), codes), axis=(1, 2))
 
-  def guided(variables, data, key, n, near):
-    """The pool (prior draws, all n of them) and the k codes of `near`, standing for as many draws
-    spread evenly over them: log p - log q with q = (p + neighbours' share) / 2, plus log(n / k)
-    for theirs."""
-    del key
+  def guided(variables, data, near):
+    """The pool (prior draws) and the k codes of `near`, standing for as many draws spread evenly
+    over them as the pool holds: log p - log q with q = (p + neighbours' share) / 2, plus
+    log(n / k) for theirs."""
     pool, k = data['pool'], len(near)
+    n = len(pool)
     codes = jnp.concatenate([pool, run.model.apply(variables, near, method='codes')])
     copies = jnp.sum(jnp.all(codes[:, None] == codes[None, -k:], axis=(2, 3)), axis=1)  # (n + k,)
     log_p = jnp.concatenate([data['pool_log_prior'], log_prior(data['prior_params'], codes[-k:])])
     log_q = jnp.logaddexp(log_p, jnp.log(copies / k))
-    weight = jnp.where(jnp.arange(len(codes)) < len(pool), 0.0, jnp.log(n / k))
-    return codes, log_p - log_q + weight, None
+    weight = jnp.where(jnp.arange(len(codes)) < n, 0.0, jnp.log(n / k))
+    own = jnp.concatenate([jnp.full(n, -1), jnp.arange(k)])
+    return codes, log_p - log_q + weight, None, own
 
   def refine(data, local, key, codes, log_likelihood, num_steps):
     del local
@@ -285,7 +295,7 @@ def vq_family(run, prior_model, prior_params, pool):
 
   return Family(
       decode=lambda variables, codes, m: run.model.apply(variables, codes, m, method=_decode_codes),
-      prior=draw, guided=guided, refine=refine,
+      prior=draw, guided=guided, start=lambda local, key, codes, own: codes, refine=refine,
       data={'prior_params': prior_params, 'pool': pool,
             'pool_log_prior': jax.jit(log_prior)(prior_params, pool)})
 
@@ -343,16 +353,32 @@ def _decoder(family, variables, m):
       m, (len(z), *m.shape[1:])))
 
 
+class Proposals(NamedTuple):
+  """An image's proposals z (n, ...) with log p(z) - log q(z) (n,), the prior's `local` part,
+  `own` (n,), and two squared errors (n,) on the observed pixels: of g(z) ('decoder') and of the
+  neighbour image the proposal is the latent of ('neighbours'; inf where it has none)."""
+  z: Any
+  log_ratio: Any
+  local: Any
+  own: Any
+  errors: dict
+
+
 def posterior_proposals(key, x, mask, variables, data, search, *, family, settings):
-  """Proposals z (n, ...) for image x (H, W, C) observed where mask (H, W, 1) is 1, with
-  log p(z) - log q(z) (n,), the prior's `local` part, and the squared error of g(z) on the
-  observed pixels (n,), whose scaled negative half is the log-likelihood."""
+  """Proposals for image x (H, W, C) observed where mask (H, W, 1) is 1: the latents of the
+  settings.neighbours training images closest on the observed pixels (VQ: and the pool), or
+  settings.num_proposals draws from the model's prior."""
   if settings.neighbours:
     near = nearest(x, mask, search, settings.neighbours)
-    proposals, log_ratio, local = family.guided(variables, data, key, settings.num_proposals, near)
+    z, log_ratio, local, own = family.guided(variables, data, near)
+    near_error = jnp.sum(jnp.square(mask * (near - x)), axis=(1, 2, 3))
+    neighbour_error = jnp.where(own >= 0, near_error[jnp.maximum(own, 0)], jnp.inf)
   else:
-    proposals, log_ratio, local = family.prior(data, key, settings.num_proposals), 0.0, None
-  return proposals, log_ratio, local, observed_error(family, variables, proposals, x, mask)
+    z = family.prior(data, key, settings.num_proposals)
+    log_ratio, local, own = jnp.zeros(len(z)), None, jnp.full(len(z), -1)
+    neighbour_error = jnp.full(len(z), jnp.inf)
+  return Proposals(z, log_ratio, local, own, {
+      'decoder': observed_error(family, variables, z, x, mask), 'neighbours': neighbour_error})
 
 
 def observed_error(family, variables, z, x, mask):
@@ -360,38 +386,85 @@ def observed_error(family, variables, z, x, mask):
   return jnp.sum(jnp.square(mask * (family.decode(variables, z, None) - x)), axis=(1, 2, 3))
 
 
+def effective_size(log_weights):
+  """(sum w)^2 / sum w^2 of the weights exp(log_weights) (n,): how many equal weights they are
+  worth."""
+  return jnp.exp(2.0 * jax.nn.logsumexp(log_weights) - jax.nn.logsumexp(2.0 * log_weights))
+
+
+def temper(log_ratio, error, ess):
+  """(log weights log_ratio - error / t (n,), t) with the temperature t at which the weights'
+  effective_size is `ess` (bisection on log t over TEMPERATURE_RANGE; its end where none fits).
+
+  The likelihood exp(-error / t) of a Gaussian observation noise of variance t / 2
+  whose size is not known: the neighbours' latents fit a new image's pixels
+  less closely than its own latent would, by an amount that varies from image to
+  image; tempering to a fixed effective size adapts it per image as the k of
+  k nearest neighbours adapts its radius.
+  """
+  error = error - jnp.min(error)   # finite where any is; inf stays inf
+  weights_at = lambda log_t: log_ratio - error * jnp.exp(-log_t)
+
+  def halve(_, bounds):
+    low, high = bounds
+    middle = 0.5 * (low + high)
+    wide_enough = effective_size(weights_at(middle)) >= ess
+    return jnp.where(wide_enough, low, middle), jnp.where(wide_enough, middle, high)
+
+  _, log_t = jax.lax.fori_loop(0, TEMPERATURE_STEPS, halve, TEMPERATURE_RANGE)
+  return weights_at(log_t), jnp.exp(log_t)
+
+
+def weighting_index(mask):
+  """The CALIBRATION_FRACTIONS entry nearest (on log scales) to the observed fraction of an image
+  observed where mask (H, W, 1) is 1."""
+  fraction = jnp.maximum(jnp.mean(mask), 1e-6)
+  return jnp.argmin(jnp.abs(jnp.log(fraction) - jnp.log(jnp.asarray(CALIBRATION_FRACTIONS))))
+
+
+def posterior_weights(proposals, source, ess):
+  """Tempered log weights (n,) of the proposals, scored by SOURCES[source] (0: decoder, with the
+  prior's log_ratio; 1: neighbours, who have equal prior weight), and the temperature."""
+  by_decoder = temper(proposals.log_ratio, proposals.errors['decoder'], ess)
+  by_neighbours = temper(jnp.zeros_like(proposals.log_ratio), proposals.errors['neighbours'], ess)
+  return jax.tree.map(lambda a, b: jnp.where(source == 0, a, b), by_decoder, by_neighbours)
+
+
 def complete_image(key, x, mask, variables, data, search, *, run, family, noise, method,
                    num_samples, settings):
   """Samples (S, H, W, C) of image x (H, W, C, hidden pixels 0) observed where mask (H, W, 1) is 1,
   with the mean and std (H, W, C) of the completion. search: training images (N, H, W, C).
 
-  Posterior: the mean and std are importance-weighted over all proposals, a
-  lower-variance estimate than the average of the S samples; the samples are
-  resampled proposals moved by MCMC.
+  Posterior: the mean is importance-weighted over all proposals (a lower-variance
+  estimate than the average of the S samples); the samples are resampled
+  proposals, drawn from their neighbour's posterior and, where the decoder scores
+  them, moved by MCMC. The std is the samples' spread with the noise.
   """
   decode = _decoder(family, variables, _conditioning(run, x, mask))
-  proposal_key, resample_key, refine_key, noise_key = jax.random.split(key, 4)
+  proposal_key, resample_key, start_key, refine_key, noise_key = jax.random.split(key, 5)
   if method == 'prior':
     z = family.prior(data, proposal_key, num_samples)
     means = decode(z)
-    mean, var = jnp.mean(means, axis=0), jnp.var(means, axis=0)
+    mean = jnp.mean(means, axis=0)
   else:
-    proposals, log_ratio, local, error = posterior_proposals(
-        proposal_key, x, mask, variables, data, search, family=family, settings=settings)
-    s_lik = likelihood_scale(noise['likelihood'], mask)
-    log_weights = log_ratio - 0.5 * error / s_lik ** 2
-    weights = jax.nn.softmax(log_weights)
-    completions = decode(proposals)
-    mean = jnp.tensordot(weights, completions, 1)
-    var = jnp.tensordot(weights, jnp.square(completions - mean), 1)
+    proposals = posterior_proposals(proposal_key, x, mask, variables, data, search,
+                                    family=family, settings=settings)
+    choice = weighting_index(mask)
+    source = jnp.asarray([SOURCES.index(name) if settings.neighbours else 0
+                          for name, _ in noise['weighting']])[choice]   # without neighbours: g
+    ess = jnp.asarray([ess for _, ess in noise['weighting']], jnp.float32)[choice]
+    log_weights, temperature = posterior_weights(proposals, source, ess)
+    mean = jnp.tensordot(jax.nn.softmax(log_weights), decode(proposals.z), 1)
     chosen = jax.random.categorical(resample_key, log_weights, shape=(num_samples,))
-    z = family.refine(data, local, refine_key, proposals[chosen],
-                      lambda z: -0.5 * observed_error(family, variables, z, x, mask)
-                      / s_lik ** 2, settings.num_steps)
+    z = family.start(proposals.local, start_key, proposals.z[chosen], proposals.own[chosen])
+    moved = family.refine(data, proposals.local, refine_key, z,
+                          lambda z: -observed_error(family, variables, z, x, mask) / temperature,
+                          settings.num_steps)
+    z = jax.tree.map(lambda a, b: jnp.where(source == 0, a, b), moved, z)
     means = decode(z)
   scale = jnp.where(mask > 0, noise['observed'], noise['hidden'])
   samples = jnp.clip(means + scale * jax.random.normal(noise_key, means.shape), *VALUE_RANGE)
-  return samples, mean, jnp.sqrt(var + scale ** 2)
+  return samples, mean, jnp.sqrt(jnp.var(means, axis=0) + scale ** 2)
 
 
 def completion_fn(completer, method, num_samples, settings):
@@ -413,8 +486,8 @@ def completion_fn(completer, method, num_samples, settings):
 # Noise scales.
 
 def residual_sums(state, images, weights, key, *, config):
-  """Squared residuals and pixel counts of the decoders given the encoder's z: g on all pixels
-  ('likelihood'), f on the observed and the hidden ones.
+  """Squared residuals and pixel counts of the completing decoder f given the encoder's z, on the
+  observed and the hidden pixels.
 
   Masks come from the run's training distribution (config.mask); method none
   has no mask (f is g), all its pixels count as observed.
@@ -425,63 +498,52 @@ def residual_sums(state, images, weights, key, *, config):
     conds = {'out': None}   # f is g
   else:
     mask = masks.batch_masks(mask_key, images, masks.mask_fn(config.mask))
-    conds = {'out': masks.conditioning(images, mask), 'plain': None}
+    conds = {'out': masks.conditioning(images, mask)}
   variables = {'params': state.params, 'batch_stats': state.batch_stats}
   outputs, _ = state.apply_fn(variables, images, conds, z_key, train=False)
   squared = jnp.square(outputs['out'] - images)
   rows = weights[:, None, None, None]
   return {'observed': jnp.sum(squared * mask * rows), 'hidden': jnp.sum(squared * (1 - mask) * rows),
-          'likelihood': jnp.sum(jnp.square(outputs.get('plain', outputs['out']) - images) * rows),
           'observed_pixels': jnp.sum(jnp.broadcast_to(mask, images.shape) * rows),
           'hidden_pixels': jnp.sum(jnp.broadcast_to(1 - mask, images.shape) * rows)}
 
 
-def calibration_errors(key, truth, mask, variables, data, search, *, run, family, settings, s_g):
-  """Squared errors (len(LIKELIHOOD_FACTORS),) on the hidden pixels of image truth (H, W, C),
-  observed where mask (H, W, 1) is 1, of the posterior mean with each likelihood scale
-  s_g * factor."""
+def calibration_errors(key, truth, mask, variables, data, search, *, run, family, settings):
+  """Squared errors (len(SOURCES), len(ESS_TARGETS)) on the hidden pixels of image truth
+  (H, W, C), observed where mask (H, W, 1) is 1, of the posterior mean under each weighting."""
   x = truth * mask
-  proposals, log_ratio, _, error = posterior_proposals(key, x, mask, variables, data, search,
-                                                       family=family, settings=settings)
-  completions = _decoder(family, variables, _conditioning(run, x, mask))(proposals)
+  proposals = posterior_proposals(key, x, mask, variables, data, search, family=family,
+                                  settings=settings)
+  completions = _decoder(family, variables, _conditioning(run, x, mask))(proposals.z)
   hidden = jnp.broadcast_to(1 - mask, truth.shape)
 
-  def squared_error(factor):
-    weights = jax.nn.softmax(log_ratio - 0.5 * error / (s_g * factor) ** 2)
+  def squared_error(source, ess):
+    weights = jax.nn.softmax(posterior_weights(proposals, source, ess)[0])
     return jnp.sum(jnp.square(jnp.tensordot(weights, completions, 1) - truth) * hidden)
 
-  return jax.vmap(squared_error)(jnp.asarray(LIKELIHOOD_FACTORS))
+  sources = jnp.arange(len(SOURCES) if settings.neighbours else 1)
+  return jax.vmap(lambda source: jax.vmap(lambda ess: squared_error(source, ess))(
+      jnp.asarray(ESS_TARGETS)))(sources)
 
 
-def likelihood_scale(scales, mask):
-  """s_lik for an image observed where mask (H, W, 1) is 1: `scales` (one per
-  CALIBRATION_FRACTIONS entry) interpolated at its observed fraction on log scales, the end
-  values beyond them."""
-  fraction = jnp.maximum(jnp.mean(mask), 1e-6)
-  return jnp.exp(jnp.interp(jnp.log(fraction), jnp.log(jnp.asarray(CALIBRATION_FRACTIONS)),
-                            jnp.log(jnp.asarray(scales))))
-
-
-def likelihood_scales(run, family, search, s_g, settings=Settings()):
-  """[s_lik per CALIBRATION_FRACTIONS entry]: s_g times the LIKELIHOOD_FACTORS entry whose
+def calibrate_weighting(run, family, search, settings=Settings()):
+  """[[source, ess] per CALIBRATION_FRACTIONS entry]: the SOURCES and ESS_TARGETS entries whose
   posterior mean has the lowest hidden-pixel error on CALIBRATION_IMAGES validation images
-  observed at that fraction of their pixels, drawn uniformly at random: scattered pixels, as a
-  user's sensors are. (Clustered pixels, such as the `gaussian` sampler's, have more correlated
-  residuals and ask for wider scales: on a run's own mixture of samplers the calibrated scales
-  came out up to 4x wider.)
+  observed at that fraction of their pixels, drawn uniformly at random (scattered, as a user's
+  sensors are).
 
-  s_g, g's error given the encoder's own z, is the noise of a perfect
-  posterior; the posterior here has only the training images' encodings to
-  offer, which fit the observed pixels of a new image less closely.
+  Which source scores proposals better depends on how many pixels are observed:
+  with a few, g's own reconstruction error at them outweighs the differences
+  between the neighbours, whose own pixels then rank them better.
   """
   images = jnp.asarray(run.splits.validation[:CALIBRATION_IMAGES])
   variables = {'params': run.state.params, 'batch_stats': run.state.batch_stats}
   fn = jax.jit(jax.vmap(functools.partial(calibration_errors, run=run, family=family,
-                                          settings=settings, s_g=s_g),
+                                          settings=settings),
                         in_axes=(0, 0, 0, None, None, None)))
   size = chunk_size(len(images), 1, settings, run.config.model)
   pixels = math.prod(images.shape[1:3])
-  scales = []
+  weighting = []
   for index, fraction in enumerate(CALIBRATION_FRACTIONS):
     count = max(1, round(fraction * pixels))
     mask_key, key = jax.random.split(jax.random.fold_in(run.eval_key, 2 + index))
@@ -492,35 +554,32 @@ def likelihood_scales(run, family, search, s_g, settings=Settings()):
                                       mask[start:start + size], variables, family.data, search)),
                         axis=0)
                  for start in range(0, len(images) - size + 1, size))  # whole chunks: one shape
-    scales.append(float(s_g * LIKELIHOOD_FACTORS[int(np.argmin(errors))]))
-  return scales
+    source, ess = np.unravel_index(np.argmin(errors), errors.shape)
+    weighting.append([SOURCES[source], ESS_TARGETS[ess]])
+  return weighting
 
 
 def estimate_noise(run, family, search):
-  """{'likelihood': [s_lik per CALIBRATION_FRACTIONS entry], 'observed': s_obs, 'hidden': s_hid}:
-  RMS residuals on up to NOISE_IMAGES validation images (method none: one decoder error for all
-  pixels), s_lik calibrated by likelihood_scales."""
+  """{'observed': s_obs, 'hidden': s_hid, 'weighting': calibrate_weighting's choices}: s_obs and
+  s_hid are RMS residuals on up to NOISE_IMAGES validation images (method none: one decoder
+  error for all pixels)."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
                        images, run.config.train.batch_size, jax.random.fold_in(run.eval_key, 1))
   observed = float(np.sqrt(sums['observed'] / sums['observed_pixels']))
-  if run.config.method == 'none':
-    s_g, hidden = observed, observed
-  else:
-    pixels = sums['observed_pixels'] + sums['hidden_pixels']
-    s_g = float(np.sqrt(sums['likelihood'] / pixels))
-    hidden = float(np.sqrt(sums['hidden'] / sums['hidden_pixels']))
-  return {'likelihood': likelihood_scales(run, family, search, s_g), 'observed': observed,
-          'hidden': hidden}
+  hidden = (observed if run.config.method == 'none'
+            else float(np.sqrt(sums['hidden'] / sums['hidden_pixels'])))
+  return {'observed': observed, 'hidden': hidden,
+          'weighting': calibrate_weighting(run, family, search)}
 
 
 def noise_scales(workdir, run, family, search):
   """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json."""
   return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json',
                 lambda: estimate_noise(run, family, search),
-                current=lambda noise: set(noise) == {'likelihood', 'observed', 'hidden'}
-                and isinstance(noise['likelihood'], list)
-                and len(noise['likelihood']) == len(CALIBRATION_FRACTIONS))
+                current=lambda noise: set(noise) == {'weighting', 'observed', 'hidden'}
+                and len(noise['weighting']) == len(CALIBRATION_FRACTIONS)
+                and all(pair[0] in SOURCES for pair in noise['weighting']))
 
 
 def completer(workdir, run=None):
@@ -572,7 +631,10 @@ def check_inputs(values, mask, image_shape):
 
 def chunk_size(num_images, num_samples, settings, model):
   """Images per jitted call: all, or as many as keep about 4096 latents decoded at once."""
-  proposals = POOL_SIZE if model == 'vq' else settings.num_proposals
+  if model == 'vq':
+    proposals = POOL_SIZE + settings.neighbours
+  else:
+    proposals = settings.neighbours or settings.num_proposals
   return min(num_images, max(1, 4096 // max(num_samples, proposals)))
 
 

@@ -25,7 +25,7 @@ from mtvae_jax import sparse_benchmark
 from mtvae_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-SETTINGS = completion.Settings(num_proposals=64, num_steps=8)
+SETTINGS = completion.Settings(num_proposals=64, num_steps=8, neighbours=64)
 NUM_SAMPLES = 8
 
 
@@ -125,7 +125,8 @@ def test_mala_leaves_the_aggregate_posterior_invariant():
   must keep the mixture's moments; its log density must be the mixture's."""
   means = np.array([[-1.0, 0.5], [2.0, 0.0]], np.float32)
   log_vars = np.log(np.array([[0.25, 1.0], [0.5, 0.04]], np.float32))
-  z = completion.aggregate_draws(jax.random.key(0), means, log_vars, 20_000)
+  own = jax.random.randint(jax.random.key(2), (20_000,), 0, len(means))
+  z = completion.component_draws(jax.random.key(0), means, log_vars, own)
   moved = completion.mala(jax.random.key(1), z, lambda z: completion.log_aggregate(means, log_vars, z), 20)
   expected_mean = means.mean(axis=0)
   expected_var = np.exp(log_vars).mean(axis=0) + means.var(axis=0)
@@ -144,27 +145,44 @@ def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   workdir, helper = gaussian_run
   noise = helper.noise
   assert 0 < noise['observed'] < noise['hidden'] < 0.5
-  # each s_lik is g's error times a calibrated factor; g sees no pixel, so its error is above
-  # f's on the pixels f is shown
-  assert len(noise['likelihood']) == len(completion.CALIBRATION_FRACTIONS)
-  candidates = [{round(scale / factor, 6) for factor in completion.LIKELIHOOD_FACTORS}
-                for scale in noise['likelihood']]
-  s_g = set.intersection(*candidates)
-  assert len(s_g) >= 1 and all(noise['observed'] < s < 0.5 for s in s_g)
+  assert len(noise['weighting']) == len(completion.CALIBRATION_FRACTIONS)
+  for source, ess in noise['weighting']:
+    assert source in completion.SOURCES and ess in completion.ESS_TARGETS
   assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == noise
 
 
-def test_likelihood_scale_interpolates_the_calibrated_scales_at_the_observed_fraction():
+def test_effective_size_counts_equal_weights_and_one_weight():
+  np.testing.assert_allclose(completion.effective_size(np.zeros(10)), 10.0, rtol=1e-6)
+  np.testing.assert_allclose(completion.effective_size(np.array([0.0, -np.inf, -np.inf])), 1.0)
+  log_w = np.log(np.array([0.5, 0.25, 0.25]))
+  np.testing.assert_allclose(completion.effective_size(log_w), 1.0 / (0.25 + 2 * 0.0625), rtol=1e-6)
+
+
+def test_temper_reaches_the_target_effective_size_and_ignores_infinite_errors():
+  errors = np.random.default_rng(0).gamma(2.0, 3.0, 200).astype(np.float32)
+  errors[:50] = np.inf   # proposals without a score get no weight
+  temperatures = []
+  for ess in (1.5, 4.0, 16.0, 64.0):
+    log_weights, temperature = completion.temper(np.zeros(200, np.float32), errors, ess)
+    np.testing.assert_allclose(completion.effective_size(log_weights), ess, rtol=1e-3)
+    assert np.all(np.isneginf(np.asarray(log_weights)[:50]))
+    temperatures.append(float(temperature))
+  assert temperatures == sorted(temperatures)
+  # more than the proposals can give: the flattest weights, all 150 scored proposals
+  log_weights, _ = completion.temper(np.zeros(200, np.float32), errors, 500.0)
+  np.testing.assert_allclose(completion.effective_size(log_weights), 150.0, rtol=1e-3)
+
+
+def test_an_image_takes_the_weighting_of_the_calibrated_fraction_nearest_its_own():
   fractions = completion.CALIBRATION_FRACTIONS
-  scales = [0.1 * 2 ** i for i in range(len(fractions))]
-  scale_at = lambda fraction: float(completion.likelihood_scale(
-      scales, (np.arange(10_000) < fraction * 10_000).astype(np.float32).reshape(100, 100, 1)))
-  for fraction, scale in zip(fractions, scales):
-    np.testing.assert_allclose(scale_at(fraction), scale, rtol=1e-4)
-  middle = float(np.sqrt(fractions[0] * fractions[1]))   # halfway on log scales: geometric mean
-  np.testing.assert_allclose(scale_at(middle), np.sqrt(scales[0] * scales[1]), rtol=1e-3)
-  np.testing.assert_allclose(scale_at(fractions[0] / 10), scales[0], rtol=1e-4)
-  np.testing.assert_allclose(scale_at(1.0), scales[-1], rtol=1e-4)
+  index_at = lambda fraction: int(completion.weighting_index(
+      (np.arange(10_000) < fraction * 10_000).astype(np.float32).reshape(100, 100, 1)))
+  for index, fraction in enumerate(fractions):
+    assert index_at(fraction) == index
+  low, high = fractions[1], fractions[2]
+  assert index_at(np.sqrt(low * high) * 0.95) == 1   # nearer the lower one on log scales
+  assert index_at(np.sqrt(low * high) * 1.05) == 2
+  assert index_at(fractions[0] / 10) == 0 and index_at(1.0) == len(fractions) - 1
 
 
 def test_complete_takes_nans_at_hidden_pixels_a_shared_mask_and_is_reproducible(gaussian_run):

@@ -30,8 +30,13 @@ _NUM_SAMPLES = flags.DEFINE_integer('num_samples', 32, 'Samples per image of eve
 _NEIGHBOURS = flags.DEFINE_integer('neighbours', 16, 'k of nearest_neighbours.')
 _NUM_STEPS = flags.DEFINE_integer('num_steps', completion.Settings().num_steps,
                                   'MCMC steps of the posterior completion.')
-_NUM_PROPOSALS = flags.DEFINE_integer('num_proposals', completion.Settings().num_proposals,
-                                      'Prior proposals per image of a Gaussian run.')
+_POSTERIOR_NEIGHBOURS = flags.DEFINE_integer(
+    'posterior_neighbours', completion.Settings().neighbours,
+    'Training images nearest on the observed pixels whose latents the posterior weighs; 0: '
+    'draws from the model\'s own prior instead.')
+_NUM_PROPOSALS = flags.DEFINE_integer(
+    'num_proposals', completion.Settings().num_proposals,
+    'Prior draws per image of a Gaussian run with --posterior_neighbours=0.')
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the masks and samples.')
 
 
@@ -45,7 +50,8 @@ def _numbers(flag, kind):
 
 def run_benchmark(workdir):
   """Benchmarks the run in `workdir` with the flags' settings and writes its outputs."""
-  for flag, low in ((_NUM_SAMPLES, 2), (_NEIGHBOURS, 1), (_NUM_STEPS, 0), (_NUM_PROPOSALS, 1)):
+  for flag, low in ((_NUM_SAMPLES, 2), (_NEIGHBOURS, 1), (_NUM_STEPS, 0), (_NUM_PROPOSALS, 1),
+                    (_POSTERIOR_NEIGHBOURS, 0)):
     if flag.value < low:
       raise UserError(f'--{flag.name}={flag.value} is not allowed: use an integer >= {low}')
   start = time.perf_counter()
@@ -59,7 +65,8 @@ def run_benchmark(workdir):
     fractions = [count / (height * width) for count in counts]
   else:
     fractions = _numbers(_FRACTIONS, float)
-  settings = completion.Settings(num_proposals=_NUM_PROPOSALS.value, num_steps=_NUM_STEPS.value)
+  settings = completion.Settings(num_proposals=_NUM_PROPOSALS.value, num_steps=_NUM_STEPS.value,
+                                 neighbours=_POSTERIOR_NEIGHBOURS.value)
   result = sparse_benchmark.benchmark(
       helper, fractions, tuple(dict.fromkeys(_SAMPLINGS.value)), _NUM_IMAGES.value,
       _NUM_SAMPLES.value, _NEIGHBOURS.value, _SEED.value, settings)

@@ -321,6 +321,7 @@ def test_sparse_benchmark_writes_the_documented_layout(gaussian_run):
 @pytest.mark.parametrize('flags,message', [
     (['--counts=0,8'], '--counts=0,8 is not allowed: give pixel counts from 1 to 63 (8x8 images)'),
     (['--counts=8', '--fractions=0.1'], 'give --fractions or --counts, not both'),
+    (['--posterior_neighbours=-1'], '--posterior_neighbours=-1 is not allowed: use an integer >= 0'),
 ])
 def test_sparse_benchmark_cli_refuses_bad_flags_in_one_line(gaussian_run, flags, message):
   workdir, _ = gaussian_run

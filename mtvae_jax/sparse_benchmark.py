@@ -24,8 +24,15 @@ Scores, over the hidden pixels only:
   coverage90  share of hidden pixel values inside the samples' 5 % - 95 % quantiles
 A method without samples has null crps and coverage90.
 
+The posterior's hidden-pixel MSE is also compared image by image with each other
+method's: the mean of the per-image differences (posterior minus method) and
+its 95 % confidence interval (paired t-test, scipy), which says whether a gap
+is larger than the spread between images.
+
 `benchmark` returns {"fractions": [...], "results": {method: {sampling: {score: [one
-value per fraction]}}}}, which `write` saves as sparse_benchmark.json with a figure.
+value per fraction]}}}, "posterior_vs": {method: {sampling: {"mse_difference": [...],
+"ci95": [[low, high], ...]}}}}, which `write` saves as sparse_benchmark.json with a
+figure.
 """
 import functools
 import json
@@ -37,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy import interpolate
+from scipy import stats
 
 from mtvae_jax import completion
 from mtvae_jax import masks
@@ -82,12 +90,29 @@ def ssim_maps(truth, image):
   return jnp.mean(maps, axis=-1)
 
 
+def hidden_mse(truth, mask, mean):
+  """Per image MSE (N,) over the hidden pixels of truth (N, H, W, C), mask (N, H, W, 1) and a
+  method's mean (N, H, W, C)."""
+  hidden = np.broadcast_to(mask == 0, truth.shape)
+  return np.sum(np.square(mean - truth) * hidden, axis=(1, 2, 3)) / np.sum(hidden, axis=(1, 2, 3))
+
+
+def paired_difference(errors, reference):
+  """Mean of errors - reference (N,) each, and its 95 % confidence interval [low, high] from a
+  paired t-test; None where N < 2 or the differences do not vary."""
+  difference = float(np.mean(errors - reference))
+  if len(errors) < 2 or np.all(errors - reference == difference):
+    return difference, None
+  interval = stats.ttest_rel(errors, reference).confidence_interval(0.95)
+  return difference, [float(interval.low), float(interval.high)]
+
+
 def scores(truth, mask, mean, samples=None):
   """SCORES over the hidden pixels of truth (N, H, W, C), mask (N, H, W, 1) and a method's mean
   (N, H, W, C) and samples (N, S, H, W, C) or None."""
   hidden = np.broadcast_to(mask == 0, truth.shape)
   squared = np.square(mean - truth)
-  per_image = np.sum(squared * hidden, axis=(1, 2, 3)) / np.sum(hidden, axis=(1, 2, 3))
+  per_image = hidden_mse(truth, mask, mean)
   composite = np.where(mask > 0, truth, mean).astype(np.float32)
   ssim = np.asarray(ssim_maps(truth.astype(np.float32), composite))
   pixels = hidden[..., 0]
@@ -187,6 +212,8 @@ def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, 
   }
   results = {method: {sampling: {score: [] for score in SCORES} for sampling in samplings}
              for method in methods}
+  versus = {method: {sampling: {'mse_difference': [], 'ci95': []} for sampling in samplings}
+            for method in methods if method != 'posterior'}
   for s_index, sampling in enumerate(samplings):
     for f_index, fraction in enumerate(fractions):
       key = jax.random.fold_in(jax.random.key(seed), 100 * s_index + f_index)
@@ -194,16 +221,22 @@ def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, 
       count = round(fraction * height * width)
       mask = benchmark_masks(mask_key, sampling, count, num_images, (height, width))
       x = np.where(mask > 0, truth, 0.0).astype(np.float32)
+      errors = {}
       for method, predict in methods.items():
         start = time.perf_counter()
         mean, samples = predict(x, mask, method_key)
         measured = scores(truth, mask, np.asarray(mean), samples)
         for score, value in measured.items():
           results[method][sampling][score].append(value)
+        errors[method] = hidden_mse(truth, mask, np.asarray(mean))
+        if method in versus:
+          difference, interval = paired_difference(errors['posterior'], errors[method])
+          versus[method][sampling]['mse_difference'].append(difference)
+          versus[method][sampling]['ci95'].append(interval)
         log(f'{sampling} {fraction:g} ({count} pixels) {method}: '
             + ' '.join(f'{k}={v:.4g}' for k, v in measured.items() if v is not None)
             + f' ({time.perf_counter() - start:.1f} s)')
-  return {'fractions': fractions, 'results': results}
+  return {'fractions': fractions, 'results': results, 'posterior_vs': versus}
 
 
 def _completion(helper, x, mask, num_samples, method, seed, settings):
@@ -252,5 +285,14 @@ def table(result):
       values = by_sampling[sampling]
       cells = [f'{mse:.4f}' + ('' if cov is None else f' ({cov:.2f})')
                for mse, cov in zip(values['mse'], values['coverage90'])]
+      lines.append(f'| {sampling} | {method} | ' + ' | '.join(cells) + ' |')
+  lines += ['', 'posterior minus each method, per-image hidden-pixel MSE: mean [95 % interval]', '',
+            '| masks | method | ' + ' | '.join(f'{100 * f:.3g} %' for f in fractions) + ' |',
+            '|---|---|' + '---:|' * len(fractions)]
+  for sampling in next(iter(results.values())):
+    for method, by_sampling in result.get('posterior_vs', {}).items():
+      values = by_sampling[sampling]
+      cells = [f'{d:+.4f}' + ('' if ci is None else f' [{ci[0]:+.4f}, {ci[1]:+.4f}]')
+               for d, ci in zip(values['mse_difference'], values['ci95'])]
       lines.append(f'| {sampling} | {method} | ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)

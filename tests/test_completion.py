@@ -306,7 +306,7 @@ def test_sparse_benchmark_writes_the_documented_layout(gaussian_run):
                                       neighbours=3, settings=SETTINGS, log=lambda line: None)
   sparse_benchmark.write(workdir, result)
   out = json.loads((workdir / sparse_benchmark.RESULT_FILE).read_text())
-  assert set(out) == {'fractions', 'results'} and out['fractions'] == [0.25, 0.5]
+  assert set(out) == {'fractions', 'results', 'posterior_vs'} and out['fractions'] == [0.25, 0.5]
   assert set(out['results']) == set(sparse_benchmark.METHODS)
   for method, by_sampling in out['results'].items():
     assert set(by_sampling) == {'uniform', 'exact'}
@@ -314,6 +314,15 @@ def test_sparse_benchmark_writes_the_documented_layout(gaussian_run):
       assert set(values) == set(sparse_benchmark.SCORES)
       assert all(len(v) == 2 for v in values.values())
       assert (values['crps'][0] is None) == (method == 'interpolation')
+  assert set(out['posterior_vs']) == set(sparse_benchmark.METHODS) - {'posterior'}
+  for method, by_sampling in out['posterior_vs'].items():
+    for sampling, values in by_sampling.items():
+      assert len(values['mse_difference']) == len(values['ci95']) == 2
+      for difference, (low, high), mine, theirs in zip(
+          values['mse_difference'], values['ci95'], out['results']['posterior'][sampling]['mse'],
+          out['results'][method][sampling]['mse']):
+        assert low < difference < high   # every image has as many hidden pixels: pooled MSEs
+        np.testing.assert_allclose(difference, mine - theirs, rtol=1e-4, atol=1e-7)
   assert (workdir / sparse_benchmark.FIGURE_FILE).stat().st_size > 0
   assert '| uniform | posterior |' in sparse_benchmark.table(out)
 

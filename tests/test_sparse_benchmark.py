@@ -54,6 +54,16 @@ def test_scores_count_hidden_pixels_only():
   assert shifted['ssim'] < 1.0 and shifted['crps'] is None and shifted['coverage90'] is None
 
 
+def test_paired_difference_is_the_mean_difference_with_its_t_interval():
+  errors, reference = np.array([3.0, 5.0, 4.0, 8.0]), np.array([2.0, 3.0, 1.0, 4.0])
+  difference, (low, high) = bench.paired_difference(errors, reference)
+  diffs = errors - reference   # 1, 2, 3, 4
+  half = stats.t.ppf(0.975, 3) * np.std(diffs, ddof=1) / 2.0
+  np.testing.assert_allclose([difference, low, high], [2.5, 2.5 - half, 2.5 + half], rtol=1e-9)
+  assert bench.paired_difference(errors, errors - 1.0) == (1.0, None)   # no spread: no interval
+  assert bench.paired_difference(errors[:1], reference[:1]) == (1.0, None)
+
+
 def test_interpolation_is_exact_for_a_plane_and_nearest_outside_the_hull():
   rows, cols = np.meshgrid(np.arange(6), np.arange(6), indexing='ij')
   plane = (0.1 + 0.05 * rows + 0.1 * cols)[None, ..., None]

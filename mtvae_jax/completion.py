@@ -34,9 +34,12 @@ The latents come from
               observed pixels of either g(z) (source 'decoder'; f reproduces the
               observed pixels for almost any z, as they are its input, so it
               cannot tell which z explains them) or the neighbour image whose
-              latent z is (source 'neighbours'; its samples are then drawn from
-              that neighbour's posterior, without moves). The temperature t, the
-              unknown noise, is set per image so that the weights' effective
+              latent z is (source 'neighbours'). Source 'decoder_on_neighbours'
+              scores by g but over the neighbours' latents alone, equally likely
+              a priori (a VQ run's PixelCNN pool then plays no part; for a
+              Gaussian run it is 'decoder'). Only source 'decoder' moves its
+              samples; the others draw them from their neighbour's posterior.
+              The temperature t, the unknown noise, is set per image so that the weights' effective
               sample size is a target; the source and the target are calibrated
               per observed fraction (CALIBRATION_FRACTIONS) on validation images,
               and an image takes those of the fraction nearest its own.
@@ -74,8 +77,8 @@ CACHE_DIR = 'completion'
 NOISE_IMAGES = 2048          # validation images behind the noise scales
 CALIBRATION_IMAGES = 128     # validation images behind each weighting choice
 CALIBRATION_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)   # observed fractions calibrated
-SOURCES = ('decoder', 'neighbours')   # what scores a proposal's fit to the observed pixels
-ESS_TARGETS = (4.0, 8.0, 16.0, 32.0)  # candidate effective sample sizes of the weights
+SOURCES = ('decoder', 'neighbours', 'decoder_on_neighbours')   # what scores a proposal's fit
+ESS_TARGETS = (4.0, 8.0, 16.0, 32.0, 64.0)  # candidate effective sample sizes of the weights
 POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
 SEARCH_VALUES = 2 ** 26      # at most this many pixel values of training images are searched
 TARGET_ACCEPTANCE = 0.574    # MALA's optimal acceptance rate (Roberts and Rosenthal, 1998)
@@ -119,7 +122,7 @@ class Completer(NamedTuple):
   run: train.Run
   family: Family
   noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'weighting': [[source, ess]] per
-                   # CALIBRATION_FRACTIONS entry}
+                   # CALIBRATION_FRACTIONS entry, 'candidates': [SOURCES, ESS_TARGETS]}
   search: Any      # (N, H, W, C) training images searched for the nearest ones
   functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
 
@@ -423,11 +426,20 @@ def weighting_index(mask):
 
 
 def posterior_weights(proposals, source, ess):
-  """Tempered log weights (n,) of the proposals, scored by SOURCES[source] (0: decoder, with the
-  prior's log_ratio; 1: neighbours, who have equal prior weight), and the temperature."""
-  by_decoder = temper(proposals.log_ratio, proposals.errors['decoder'], ess)
-  by_neighbours = temper(jnp.zeros_like(proposals.log_ratio), proposals.errors['neighbours'], ess)
-  return jax.tree.map(lambda a, b: jnp.where(source == 0, a, b), by_decoder, by_neighbours)
+  """Tempered log weights (n,) of the proposals, scored by SOURCES[source], and the temperature.
+
+  decoder:                g's error, with the prior's log_ratio, over all proposals;
+  neighbours:             the neighbour image's own error, the neighbours equally likely a priori;
+  decoder_on_neighbours:  g's error over the neighbours' latents alone, equally likely a priori
+                          (the training set's aggregate posterior as p(z); the same as decoder
+                          for a Gaussian run, whose proposals are just those).
+  """
+  flat = jnp.zeros_like(proposals.log_ratio)
+  on_neighbours = jnp.where(proposals.own >= 0, proposals.errors['decoder'], jnp.inf)
+  options = [temper(proposals.log_ratio, proposals.errors['decoder'], ess),
+             temper(flat, proposals.errors['neighbours'], ess),
+             temper(flat, on_neighbours, ess)]
+  return jax.tree.map(lambda *each: jnp.stack(each)[source], *options)
 
 
 def complete_image(key, x, mask, variables, data, search, *, run, family, noise, method,
@@ -560,9 +572,9 @@ def calibrate_weighting(run, family, search, settings=Settings()):
 
 
 def estimate_noise(run, family, search):
-  """{'observed': s_obs, 'hidden': s_hid, 'weighting': calibrate_weighting's choices}: s_obs and
-  s_hid are RMS residuals on up to NOISE_IMAGES validation images (method none: one decoder
-  error for all pixels)."""
+  """{'observed': s_obs, 'hidden': s_hid, 'weighting': calibrate_weighting's choices,
+  'candidates': [SOURCES, ESS_TARGETS] it chose from}: s_obs and s_hid are RMS residuals on up to
+  NOISE_IMAGES validation images (method none: one decoder error for all pixels)."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
                        images, run.config.train.batch_size, jax.random.fold_in(run.eval_key, 1))
@@ -570,16 +582,18 @@ def estimate_noise(run, family, search):
   hidden = (observed if run.config.method == 'none'
             else float(np.sqrt(sums['hidden'] / sums['hidden_pixels'])))
   return {'observed': observed, 'hidden': hidden,
-          'weighting': calibrate_weighting(run, family, search)}
+          'weighting': calibrate_weighting(run, family, search),
+          'candidates': [list(SOURCES), list(ESS_TARGETS)]}
 
 
 def noise_scales(workdir, run, family, search):
-  """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json."""
+  """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json (and
+  estimated again where the cached choices were made among other candidates)."""
   return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json',
                 lambda: estimate_noise(run, family, search),
-                current=lambda noise: set(noise) == {'weighting', 'observed', 'hidden'}
-                and len(noise['weighting']) == len(CALIBRATION_FRACTIONS)
-                and all(pair[0] in SOURCES for pair in noise['weighting']))
+                current=lambda noise: set(noise) == {'weighting', 'observed', 'hidden', 'candidates'}
+                and noise['candidates'] == [list(SOURCES), list(ESS_TARGETS)]
+                and len(noise['weighting']) == len(CALIBRATION_FRACTIONS))
 
 
 def completer(workdir, run=None):

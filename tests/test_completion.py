@@ -173,6 +173,27 @@ def test_temper_reaches_the_target_effective_size_and_ignores_infinite_errors():
   np.testing.assert_allclose(completion.effective_size(log_weights), 150.0, rtol=1e-3)
 
 
+def test_each_source_weighs_the_proposals_by_its_own_error():
+  rng = np.random.default_rng(1)
+  own = np.concatenate([np.full(6, -1), np.arange(10)])   # 6 prior draws, then 10 neighbours
+  log_ratio = rng.normal(size=16).astype(np.float32) * 3.0
+  errors = {'decoder': rng.gamma(2.0, 3.0, 16).astype(np.float32),
+            'neighbours': np.where(own >= 0, rng.gamma(2.0, 3.0, 16), np.inf).astype(np.float32)}
+  proposals = completion.Proposals(None, log_ratio, None, own, errors)
+  weights = {name: np.asarray(completion.posterior_weights(proposals, index, 4.0)[0])
+             for index, name in enumerate(completion.SOURCES)}
+  # the decoder's weights count the prior draws; the other two sources leave them out
+  assert np.all(np.isfinite(weights['decoder']))
+  for name in ('neighbours', 'decoder_on_neighbours'):
+    assert np.all(np.isneginf(weights[name][:6])) and np.all(np.isfinite(weights[name][6:]))
+    np.testing.assert_allclose(completion.effective_size(weights[name]), 4.0, rtol=1e-3)
+  # with equal prior weights, the two decoder sources rank the neighbours by the same errors
+  order = lambda w: np.argsort(-w[6:])
+  np.testing.assert_array_equal(order(weights['decoder_on_neighbours']),
+                                np.argsort(errors['decoder'][6:]))
+  np.testing.assert_array_equal(order(weights['neighbours']), np.argsort(errors['neighbours'][6:]))
+
+
 def test_an_image_takes_the_weighting_of_the_calibrated_fraction_nearest_its_own():
   fractions = completion.CALIBRATION_FRACTIONS
   index_at = lambda fraction: int(completion.weighting_index(

@@ -39,10 +39,11 @@ The latents come from
               a priori (a VQ run's PixelCNN pool then plays no part; for a
               Gaussian run it is 'decoder'). Only source 'decoder' moves its
               samples; the others draw them from their neighbour's posterior.
-              The temperature t, the unknown noise, is set per image so that the weights' effective
-              sample size is a target; the source and the target are calibrated
-              per observed fraction (CALIBRATION_FRACTIONS) on validation images,
-              and an image takes those of the fraction nearest its own.
+              The temperature t, the unknown noise, is set per image so that
+              the weights' effective sample size is a target; the source and
+              the target are calibrated per observed fraction
+              (CALIBRATION_FRACTIONS) on validation images, and an image takes
+              those of the fraction nearest its own.
 
 Predictive samples are clip(f(z, m) + s eps, 0, 1) (the data's range), with s
 = s_obs and s_hid, root mean squared residuals of f given the encoder's z on
@@ -436,10 +437,9 @@ def posterior_weights(proposals, source, ess):
   """
   flat = jnp.zeros_like(proposals.log_ratio)
   on_neighbours = jnp.where(proposals.own >= 0, proposals.errors['decoder'], jnp.inf)
-  options = [temper(proposals.log_ratio, proposals.errors['decoder'], ess),
-             temper(flat, proposals.errors['neighbours'], ess),
-             temper(flat, on_neighbours, ess)]
-  return jax.tree.map(lambda *each: jnp.stack(each)[source], *options)
+  log_ratios = jnp.stack([proposals.log_ratio, flat, flat])
+  errors = jnp.stack([proposals.errors['decoder'], proposals.errors['neighbours'], on_neighbours])
+  return temper(log_ratios[source], errors[source], ess)
 
 
 def complete_image(key, x, mask, variables, data, search, *, run, family, noise, method,
@@ -591,7 +591,8 @@ def noise_scales(workdir, run, family, search):
   estimated again where the cached choices were made among other candidates)."""
   return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json',
                 lambda: estimate_noise(run, family, search),
-                current=lambda noise: set(noise) == {'weighting', 'observed', 'hidden', 'candidates'}
+                current=lambda noise: set(noise) == {'weighting', 'observed', 'hidden',
+                                                     'candidates'}
                 and noise['candidates'] == [list(SOURCES), list(ESS_TARGETS)]
                 and len(noise['weighting']) == len(CALIBRATION_FRACTIONS))
 

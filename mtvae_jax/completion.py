@@ -40,18 +40,23 @@ The latents come from
               Gaussian run it is 'decoder'). Only source 'decoder' moves its
               samples; the others draw them from their neighbour's posterior.
               The temperature t, the unknown noise, is set per image so that
-              the weights' effective sample size is a target; the source and
-              the target are calibrated per observed fraction
-              (CALIBRATION_FRACTIONS) on validation images, and an image takes
-              those of the fraction nearest its own.
+              the weights' effective sample size is a target. Each draw's
+              completion is then moved by a regression adjustment: the
+              weighted ridge regression, over the proposals, of f(z, m) on the
+              observed pixels of the training image z is the latent of (g(z)'s
+              where there is none), applied to the draw's own misfit there.
+              The source, the target and the ridge are calibrated per observed
+              fraction (CALIBRATION_FRACTIONS) on validation images, and an
+              image takes those of the fraction nearest its own.
 
-Predictive samples are clip(f(z, m) + s eps, 0, 1) (the data's range), with s
+Predictive samples are clip(f(z, m) + a + s eps, 0, 1) (the data's range), a the adjustment
+(0 for the prior method), with s
 = s_obs and s_hid, root mean squared residuals of f given the encoder's z on
 the observed and hidden pixels of validation images (completion/noise.json)
 under the run's own mask distribution. The prior method's mean is the average of
 f(z, m) over its samples; the posterior's mean is weighted over all proposals,
 a lower-variance estimate than an average of the resampled few. The std is
-sqrt(var of f(z, m) over the samples + s^2).
+sqrt(var of f(z, m) + a over the samples + s^2).
 
 Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
@@ -79,13 +84,16 @@ NOISE_IMAGES = 2048          # validation images behind the noise scales
 CALIBRATION_IMAGES = 128     # validation images behind each weighting choice
 CALIBRATION_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)   # observed fractions calibrated
 SOURCES = ('decoder', 'neighbours', 'decoder_on_neighbours')   # what scores a proposal's fit
-ESS_TARGETS = (4.0, 8.0, 16.0, 32.0, 64.0)  # candidate effective sample sizes of the weights
+ESS_TARGETS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # candidate effective sample sizes of the weights
 POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
 SEARCH_VALUES = 2 ** 26      # at most this many pixel values of training images are searched
 TARGET_ACCEPTANCE = 0.574    # MALA's optimal acceptance rate (Roberts and Rosenthal, 1998)
 ADAPTATION_RATE = 2.0        # change of log step size per step, per unit of acceptance error
 TEMPERATURE_RANGE = (-20.0, 20.0)   # log temperatures searched by `temper`
 TEMPERATURE_STEPS = 48       # bisection steps of `temper`
+RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)   # candidate ridge penalties of regression_adjustment
+ADJUSTMENT_STEPS = 64        # conjugate-gradient steps of regression_adjustment
+CANDIDATES = [list(SOURCES), list(ESS_TARGETS), list(RIDGES)]   # noise.json's record of them
 
 
 class Settings(NamedTuple):
@@ -122,8 +130,8 @@ class Completer(NamedTuple):
   """A loaded run, ready to complete images: see `completer`."""
   run: train.Run
   family: Family
-  noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'weighting': [[source, ess]] per
-                   # CALIBRATION_FRACTIONS entry, 'candidates': [SOURCES, ESS_TARGETS]}
+  noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'weighting': [[source, ess, ridge]]
+                   # per CALIBRATION_FRACTIONS entry, 'candidates': CANDIDATES}
   search: Any      # (N, H, W, C) training images searched for the nearest ones
   functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
 
@@ -359,12 +367,15 @@ def _decoder(family, variables, m):
 
 class Proposals(NamedTuple):
   """An image's proposals z (n, ...) with log p(z) - log q(z) (n,), the prior's `local` part,
-  `own` (n,), and two squared errors (n,) on the observed pixels: of g(z) ('decoder') and of the
-  neighbour image the proposal is the latent of ('neighbours'; inf where it has none)."""
+  `own` (n,), `observed` (n, H, W, C), what each proposal puts at the observed pixels (0
+  elsewhere): its neighbour image's pixels, or g(z)'s for a proposal of no neighbour; and two
+  squared errors (n,) on the observed pixels: of g(z) ('decoder') and of the neighbour image
+  ('neighbours'; inf where there is none)."""
   z: Any
   log_ratio: Any
   local: Any
   own: Any
+  observed: Any
   errors: dict
 
 
@@ -375,19 +386,54 @@ def posterior_proposals(key, x, mask, variables, data, search, *, family, settin
   if settings.neighbours:
     near = nearest(x, mask, search, settings.neighbours)
     z, log_ratio, local, own = family.guided(variables, data, near)
-    near_error = jnp.sum(jnp.square(mask * (near - x)), axis=(1, 2, 3))
-    neighbour_error = jnp.where(own >= 0, near_error[jnp.maximum(own, 0)], jnp.inf)
+    near_pixels = mask * near[jnp.maximum(own, 0)]
   else:
     z = family.prior(data, key, settings.num_proposals)
     log_ratio, local, own = jnp.zeros(len(z)), None, jnp.full(len(z), -1)
-    neighbour_error = jnp.full(len(z), jnp.inf)
-  return Proposals(z, log_ratio, local, own, {
-      'decoder': observed_error(family, variables, z, x, mask), 'neighbours': neighbour_error})
+    near_pixels = jnp.zeros((len(z), *x.shape))
+  fitted = observed_fit(family, variables, z, mask)
+  has_image = (own >= 0).reshape(-1, 1, 1, 1)
+  error = lambda values: jnp.sum(jnp.square(values - x), axis=(1, 2, 3))
+  return Proposals(z, log_ratio, local, own, jnp.where(has_image, near_pixels, fitted), {
+      'decoder': error(fitted), 'neighbours': jnp.where(own >= 0, error(near_pixels), jnp.inf)})
+
+
+def observed_fit(family, variables, z, mask):
+  """g(z) at the pixels where mask (H, W, 1) is 1, 0 elsewhere: (n, H, W, C)."""
+  return mask * family.decode(variables, z, None)
 
 
 def observed_error(family, variables, z, x, mask):
-  """sum over the observed pixels of (g(z) - x)^2: (n,)."""
-  return jnp.sum(jnp.square(mask * (family.decode(variables, z, None) - x)), axis=(1, 2, 3))
+  """sum over the observed pixels of (g(z) - x)^2: (n,); x is 0 at the hidden pixels."""
+  return jnp.sum(jnp.square(observed_fit(family, variables, z, mask) - x), axis=(1, 2, 3))
+
+
+def regression_adjustment(weights, observed, completions, ridge):
+  """The correction d -> d B of a draw's completion for its misfit d = x - observed on the
+  observed pixels.
+
+  B is the weighted ridge regression of the completions (n, H, W, C) on
+  `observed` (n, H, W, C, 0 at hidden pixels) over the proposals, weights (n,)
+  summing to 1: the regression adjustment of approximate Bayesian computation
+  (Beaumont, Zhang and Balding, 2002), which moves each draw by what the draws
+  say its misfit at the observed pixels implies for the rest, where weighting
+  alone only averages the draws that fit best. Solved by ADJUSTMENT_STEPS
+  conjugate-gradient steps of (A^T A + ridge I) v = d, A the weighted, centred
+  `observed`, so no matrix is factorised. Returns a function (k, H, W, C) ->
+  (k, H, W, C).
+  """
+  def centred(a):
+    a = a.reshape(len(a), -1)
+    return jnp.sqrt(weights)[:, None] * (a - weights @ a)
+
+  fits, outputs = centred(observed), centred(completions)
+  normal = lambda v: fits.T @ (fits @ v) + ridge * v
+
+  def correct(misfit):
+    v, _ = jax.scipy.sparse.linalg.cg(normal, misfit.reshape(-1), maxiter=ADJUSTMENT_STEPS)
+    return ((fits @ v) @ outputs).reshape(misfit.shape)
+
+  return jax.vmap(correct)
 
 
 def effective_size(log_weights):
@@ -450,7 +496,8 @@ def complete_image(key, x, mask, variables, data, search, *, run, family, noise,
   Posterior: the mean is importance-weighted over all proposals (a lower-variance
   estimate than the average of the S samples); the samples are resampled
   proposals, drawn from their neighbour's posterior and, where the decoder scores
-  them, moved by MCMC. The std is the samples' spread with the noise.
+  them, moved by MCMC. Mean and samples are regression-adjusted to the observed
+  pixels (regression_adjustment). The std is the samples' spread with the noise.
   """
   decode = _decoder(family, variables, _conditioning(run, x, mask))
   proposal_key, resample_key, start_key, refine_key, noise_key = jax.random.split(key, 5)
@@ -463,17 +510,22 @@ def complete_image(key, x, mask, variables, data, search, *, run, family, noise,
                                     family=family, settings=settings)
     choice = weighting_index(mask)
     source = jnp.asarray([SOURCES.index(name) if settings.neighbours else 0
-                          for name, _ in noise['weighting']])[choice]   # without neighbours: g
-    ess = jnp.asarray([ess for _, ess in noise['weighting']], jnp.float32)[choice]
+                          for name, _, _ in noise['weighting']])[choice]   # without neighbours: g
+    ess, ridge = jnp.asarray([[ess, ridge] for _, ess, ridge in noise['weighting']],
+                             jnp.float32)[choice]
     log_weights, temperature = posterior_weights(proposals, source, ess)
-    mean = jnp.tensordot(jax.nn.softmax(log_weights), decode(proposals.z), 1)
+    weights = jax.nn.softmax(log_weights)
+    completions = decode(proposals.z)
+    adjust = regression_adjustment(weights, proposals.observed, completions, ridge)
+    mean = (jnp.tensordot(weights, completions, 1)
+            + adjust((x - jnp.tensordot(weights, proposals.observed, 1))[None])[0])
     chosen = jax.random.categorical(resample_key, log_weights, shape=(num_samples,))
     z = family.start(proposals.local, start_key, proposals.z[chosen], proposals.own[chosen])
     moved = family.refine(data, proposals.local, refine_key, z,
                           lambda z: -observed_error(family, variables, z, x, mask) / temperature,
                           settings.num_steps)
     z = jax.tree.map(lambda a, b: jnp.where(source == 0, a, b), moved, z)
-    means = decode(z)
+    means = decode(z) + adjust(x - proposals.observed[chosen])
   scale = jnp.where(mask > 0, noise['observed'], noise['hidden'])
   samples = jnp.clip(means + scale * jax.random.normal(noise_key, means.shape), *VALUE_RANGE)
   return samples, mean, jnp.sqrt(jnp.var(means, axis=0) + scale ** 2)
@@ -521,28 +573,34 @@ def residual_sums(state, images, weights, key, *, config):
 
 
 def calibration_errors(key, truth, mask, variables, data, search, *, run, family, settings):
-  """Squared errors (len(SOURCES), len(ESS_TARGETS)) on the hidden pixels of image truth
-  (H, W, C), observed where mask (H, W, 1) is 1, of the posterior mean under each weighting."""
+  """Squared errors (len(SOURCES), len(ESS_TARGETS), len(RIDGES)) on the hidden pixels of image
+  truth (H, W, C), observed where mask (H, W, 1) is 1, of the posterior mean under each weighting
+  and adjustment."""
   x = truth * mask
   proposals = posterior_proposals(key, x, mask, variables, data, search, family=family,
                                   settings=settings)
   completions = _decoder(family, variables, _conditioning(run, x, mask))(proposals.z)
   hidden = jnp.broadcast_to(1 - mask, truth.shape)
 
-  def squared_error(source, ess):
+  def squared_errors(source, ess):   # (len(RIDGES),)
     weights = jax.nn.softmax(posterior_weights(proposals, source, ess)[0])
-    return jnp.sum(jnp.square(jnp.tensordot(weights, completions, 1) - truth) * hidden)
+    plain = jnp.tensordot(weights, completions, 1)
+    misfit = (x - jnp.tensordot(weights, proposals.observed, 1))[None]
+    adjusted = lambda ridge: plain + regression_adjustment(
+        weights, proposals.observed, completions, ridge)(misfit)[0]
+    return jax.vmap(lambda ridge: jnp.sum(jnp.square(adjusted(ridge) - truth) * hidden))(
+        jnp.asarray(RIDGES))
 
   sources = jnp.arange(len(SOURCES) if settings.neighbours else 1)
-  return jax.vmap(lambda source: jax.vmap(lambda ess: squared_error(source, ess))(
+  return jax.vmap(lambda source: jax.vmap(lambda ess: squared_errors(source, ess))(
       jnp.asarray(ESS_TARGETS)))(sources)
 
 
 def calibrate_weighting(run, family, search, settings=Settings()):
-  """[[source, ess] per CALIBRATION_FRACTIONS entry]: the SOURCES and ESS_TARGETS entries whose
-  posterior mean has the lowest hidden-pixel error on CALIBRATION_IMAGES validation images
-  observed at that fraction of their pixels, drawn uniformly at random (scattered, as a user's
-  sensors are).
+  """[[source, ess, ridge] per CALIBRATION_FRACTIONS entry]: the SOURCES, ESS_TARGETS and
+  RIDGES entries whose posterior mean has the lowest hidden-pixel error on CALIBRATION_IMAGES
+  validation images observed at that fraction of their pixels, drawn uniformly at random
+  (scattered, as a user's sensors are).
 
   Which source scores proposals better depends on how many pixels are observed:
   with a few, g's own reconstruction error at them outweighs the differences
@@ -566,14 +624,14 @@ def calibrate_weighting(run, family, search, settings=Settings()):
                                       mask[start:start + size], variables, family.data, search)),
                         axis=0)
                  for start in range(0, len(images) - size + 1, size))  # whole chunks: one shape
-    source, ess = np.unravel_index(np.argmin(errors), errors.shape)
-    weighting.append([SOURCES[source], ESS_TARGETS[ess]])
+    source, ess, ridge = np.unravel_index(np.argmin(errors), errors.shape)
+    weighting.append([SOURCES[source], ESS_TARGETS[ess], RIDGES[ridge]])
   return weighting
 
 
 def estimate_noise(run, family, search):
   """{'observed': s_obs, 'hidden': s_hid, 'weighting': calibrate_weighting's choices,
-  'candidates': [SOURCES, ESS_TARGETS] it chose from}: s_obs and s_hid are RMS residuals on up to
+  'candidates': [SOURCES, ESS_TARGETS, RIDGES] it chose from}: s_obs and s_hid are RMS residuals on up to
   NOISE_IMAGES validation images (method none: one decoder error for all pixels)."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
@@ -583,7 +641,7 @@ def estimate_noise(run, family, search):
             else float(np.sqrt(sums['hidden'] / sums['hidden_pixels'])))
   return {'observed': observed, 'hidden': hidden,
           'weighting': calibrate_weighting(run, family, search),
-          'candidates': [list(SOURCES), list(ESS_TARGETS)]}
+          'candidates': CANDIDATES}
 
 
 def noise_scales(workdir, run, family, search):
@@ -593,7 +651,7 @@ def noise_scales(workdir, run, family, search):
                 lambda: estimate_noise(run, family, search),
                 current=lambda noise: set(noise) == {'weighting', 'observed', 'hidden',
                                                      'candidates'}
-                and noise['candidates'] == [list(SOURCES), list(ESS_TARGETS)]
+                and noise['candidates'] == CANDIDATES
                 and len(noise['weighting']) == len(CALIBRATION_FRACTIONS))
 
 

@@ -146,8 +146,9 @@ def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   noise = helper.noise
   assert 0 < noise['observed'] < noise['hidden'] < 0.5
   assert len(noise['weighting']) == len(completion.CALIBRATION_FRACTIONS)
-  for source, ess in noise['weighting']:
+  for source, ess, ridge in noise['weighting']:
     assert source in completion.SOURCES and ess in completion.ESS_TARGETS
+    assert ridge in completion.RIDGES
   assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == noise
 
 
@@ -179,7 +180,7 @@ def test_each_source_weighs_the_proposals_by_its_own_error():
   log_ratio = rng.normal(size=16).astype(np.float32) * 3.0
   errors = {'decoder': rng.gamma(2.0, 3.0, 16).astype(np.float32),
             'neighbours': np.where(own >= 0, rng.gamma(2.0, 3.0, 16), np.inf).astype(np.float32)}
-  proposals = completion.Proposals(None, log_ratio, None, own, errors)
+  proposals = completion.Proposals(None, log_ratio, None, own, None, errors)
   weights = {name: np.asarray(completion.posterior_weights(proposals, index, 4.0)[0])
              for index, name in enumerate(completion.SOURCES)}
   # the decoder's weights count the prior draws; the other two sources leave them out
@@ -192,6 +193,25 @@ def test_each_source_weighs_the_proposals_by_its_own_error():
   np.testing.assert_array_equal(order(weights['decoder_on_neighbours']),
                                 np.argsort(errors['decoder'][6:]))
   np.testing.assert_array_equal(order(weights['neighbours']), np.argsort(errors['neighbours'][6:]))
+
+
+def test_regression_adjustment_recovers_completions_linear_in_the_observed_pixels():
+  # 40 draws of a 4x4 image observed at 3 pixels, each completion linear in the draw's pixels there
+  rng = np.random.default_rng(2)
+  mask = np.zeros((4, 4, 1), np.float32)
+  mask[[0, 1, 3], [0, 2, 1]] = 1
+  observed = rng.uniform(size=(40, 4, 4, 1)).astype(np.float32) * mask
+  slope = rng.normal(size=(16, 16)).astype(np.float32)
+  completions = 0.5 + (observed.reshape(40, 16) @ slope).reshape(40, 4, 4, 1)
+  weights = rng.dirichlet(np.ones(40)).astype(np.float32)
+  misfit = (rng.uniform(size=(2, 4, 4, 1)).astype(np.float32) - observed[:2]) * mask
+  adjust = completion.regression_adjustment(weights, observed, completions, 1e-6)
+  expected = (misfit.reshape(2, 16) @ slope).reshape(2, 4, 4, 1)
+  np.testing.assert_allclose(adjust(misfit), expected, atol=2e-3)
+  # a large ridge shrinks the correction towards none; no misfit, no correction
+  strong = completion.regression_adjustment(weights, observed, completions, 1e3)(misfit)
+  assert np.abs(strong).max() < 0.01 * np.abs(expected).max()
+  np.testing.assert_allclose(adjust(np.zeros_like(misfit)), 0.0, atol=1e-6)
 
 
 def test_an_image_takes_the_weighting_of_the_calibrated_fraction_nearest_its_own():

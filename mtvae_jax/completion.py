@@ -44,7 +44,8 @@ The latents come from
               completion is then moved by a regression adjustment: the
               weighted ridge regression, over the proposals, of f(z, m) on the
               observed pixels of the training image z is the latent of (g(z)'s
-              where there is none), applied to the draw's own misfit there.
+              where there is none), applied to the misfit there of the
+              proposal the draw was resampled from (before its MCMC moves).
               The source, the target and the ridge are calibrated per observed
               fraction (CALIBRATION_FRACTIONS) on validation images, and an
               image takes those of the fraction nearest its own.

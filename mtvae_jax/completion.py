@@ -428,7 +428,11 @@ def regression_adjustment(weights, observed, completions, ridge):
     return jnp.sqrt(weights)[:, None] * (a - weights @ a)
 
   fits, outputs = centred(observed), centred(completions)
-  normal = lambda v: fits.T @ (fits @ v) + ridge * v
+  if fits.shape[1] < 2 * ADJUSTMENT_STEPS:   # few pixels: one (P, P) product beats 2 per step
+    gram = fits.T @ fits
+    normal = lambda v: gram @ v + ridge * v
+  else:
+    normal = lambda v: fits.T @ (fits @ v) + ridge * v
 
   def correct(misfit):
     v, _ = jax.scipy.sparse.linalg.cg(normal, misfit.reshape(-1), maxiter=ADJUSTMENT_STEPS)

@@ -441,6 +441,13 @@ def regression_adjustment(weights, observed, completions, ridge):
   return jax.vmap(correct)
 
 
+def adjusted_mean(weights, proposals, completions, x, adjust):
+  """The weighted mean (H, W, C) of the completions (n, H, W, C), moved by `adjust` (a
+  regression_adjustment) for the weighted proposals' misfit on the observed pixels of x."""
+  misfit = x - jnp.tensordot(weights, proposals.observed, 1)
+  return jnp.tensordot(weights, completions, 1) + adjust(misfit[None])[0]
+
+
 def effective_size(log_weights):
   """(sum w)^2 / sum w^2 of the weights exp(log_weights) (n,): how many equal weights they are
   worth."""
@@ -522,8 +529,7 @@ def complete_image(key, x, mask, variables, data, search, *, run, family, noise,
     weights = jax.nn.softmax(log_weights)
     completions = decode(proposals.z)
     adjust = regression_adjustment(weights, proposals.observed, completions, ridge)
-    mean = (jnp.tensordot(weights, completions, 1)
-            + adjust((x - jnp.tensordot(weights, proposals.observed, 1))[None])[0])
+    mean = adjusted_mean(weights, proposals, completions, x, adjust)
     chosen = jax.random.categorical(resample_key, log_weights, shape=(num_samples,))
     z = family.start(proposals.local, start_key, proposals.z[chosen], proposals.own[chosen])
     moved = family.refine(data, proposals.local, refine_key, z,
@@ -589,11 +595,9 @@ def calibration_errors(key, truth, mask, variables, data, search, *, run, family
 
   def squared_errors(source, ess):   # (len(RIDGES),)
     weights = jax.nn.softmax(posterior_weights(proposals, source, ess)[0])
-    plain = jnp.tensordot(weights, completions, 1)
-    misfit = (x - jnp.tensordot(weights, proposals.observed, 1))[None]
-    adjusted = lambda ridge: plain + regression_adjustment(
-        weights, proposals.observed, completions, ridge)(misfit)[0]
-    return jax.vmap(lambda ridge: jnp.sum(jnp.square(adjusted(ridge) - truth) * hidden))(
+    mean = lambda ridge: adjusted_mean(weights, proposals, completions, x, regression_adjustment(
+        weights, proposals.observed, completions, ridge))
+    return jax.vmap(lambda ridge: jnp.sum(jnp.square(mean(ridge) - truth) * hidden))(
         jnp.asarray(RIDGES))
 
   sources = jnp.arange(len(SOURCES) if settings.neighbours else 1)
@@ -636,7 +640,7 @@ def calibrate_weighting(run, family, search, settings=Settings()):
 
 def estimate_noise(run, family, search):
   """{'observed': s_obs, 'hidden': s_hid, 'weighting': calibrate_weighting's choices,
-  'candidates': [SOURCES, ESS_TARGETS, RIDGES] it chose from}: s_obs and s_hid are RMS residuals on up to
+  'candidates': CANDIDATES, what it chose from}: s_obs and s_hid are RMS residuals on up to
   NOISE_IMAGES validation images (method none: one decoder error for all pixels)."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,

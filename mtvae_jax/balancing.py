@@ -6,12 +6,18 @@ w_t = loss.weights[t] (W1, W2, beta of thesis 3.2). With 'softadapt', every
 `update_every` steps the weights of the balanced terms become
 
   s_t = Lbar_t(now) - Lbar_t(previous update)   (Lbar: mean of the last `window` steps)
-  w_t = total * p_t exp(beta x_t) / sum_u p_u exp(beta x_u)
+  a_t = p_t exp(beta x_t) / sum_u p_u exp(beta x_u)   (SoftAdapt's shares, summing to 1)
+  w_t = K c_t a_t   (scale='coefficients')   or   w_t = total a_t   (scale='total')
 
 where (x, p) = (s, 1) for 'plain', (s / sum_u |s_u|, 1) for 'normalized' and
-(s, Lbar) for 'loss_weighted'. Until the first update they are total / K.
-Terms outside the balanced set keep their fixed weights. The state is a
-pytree updated inside the jitted train step.
+(s, Lbar) for 'loss_weighted', K is the number of balanced terms and c_t their
+fixed coefficients loss.weights[t]. With 'coefficients' equal shares give back
+the fixed weights, so the terms' units (a per-pixel mean against a per-image
+sum) stay absorbed in c_t and SoftAdapt only shifts emphasis between them;
+with 'total' the weights ignore c_t and the larger term's units dominate.
+Until the first update the weights are those of equal shares. Terms outside
+the balanced set keep their fixed weights. The state is a pytree updated
+inside the jitted train step.
 """
 import flax
 import jax
@@ -47,13 +53,31 @@ def balanced_names(config):
   return tuple(config.loss.softadapt.terms) or term_names(config.model, config.method)
 
 
+def _coefficients_scale(config, names):
+  return jnp.asarray([len(names) * config.loss.weights[name] for name in names], jnp.float32)
+
+
+def _total_scale(config, names):
+  return jnp.full(len(names), config.loss.softadapt.total, jnp.float32)
+
+
+# scale -> (config, balanced names) -> (K,) factors that turn SoftAdapt's shares into weights
+SCALES = {'coefficients': _coefficients_scale, 'total': _total_scale}
+
+
+def scale(config, names):
+  """(K,) factors f with w_t = f_t a_t for SoftAdapt's shares a_t."""
+  return SCALES[config.loss.softadapt.scale](config, names)
+
+
 def init(config):
-  """Fixed weights, or total / K on the K balanced terms, and an empty loss history."""
+  """Fixed weights, or those of equal shares on the K balanced terms, and an empty history."""
   names = balanced_names(config)
   softadapt = config.loss.softadapt
   weights = {name: jnp.asarray(config.loss.weights[name], jnp.float32)
              for name in term_names(config.model, config.method)}
-  weights.update({name: jnp.asarray(softadapt.total / len(names), jnp.float32) for name in names})
+  if names:
+    weights.update(zip(names, scale(config, names) / len(names)))
   return State(weights=weights, recent=jnp.zeros((softadapt.window, len(names))),
                previous=jnp.zeros(len(names)), count=jnp.zeros((), jnp.int32))
 
@@ -75,12 +99,12 @@ def _loss_weighted(slopes, means):
 VARIANTS = {'plain': _plain, 'normalized': _normalized, 'loss_weighted': _loss_weighted}
 
 
-def softadapt_weights(slopes, means, *, variant, beta, total):
-  """(K,) weights summing to `total` from the (K,) slopes and window means."""
+def softadapt_shares(slopes, means, *, variant, beta):
+  """(K,) positive shares summing to 1 from the (K,) slopes and window means."""
   x, p = VARIANTS[variant](slopes, means)
   logits = beta * x
   numerators = p * jnp.exp(logits - jnp.max(logits))
-  return total * numerators / jnp.sum(numerators)
+  return numerators / jnp.sum(numerators)
 
 
 def _fixed_update(state, losses, config):
@@ -97,8 +121,8 @@ def _softadapt_update(state, losses, config):
   means = jnp.mean(recent, axis=0)
   due = (count % every == 0) & (count >= window)  # a full window: record its mean
   ready = due & (count >= window + every)  # ... and one recorded at the previous update
-  new = softadapt_weights(means - state.previous, means, variant=softadapt.variant,
-                          beta=softadapt.beta, total=softadapt.total)
+  new = scale(config, names) * softadapt_shares(means - state.previous, means,
+                                                variant=softadapt.variant, beta=softadapt.beta)
   weights = dict(state.weights, **{name: jnp.where(ready, new[i], state.weights[name])
                                    for i, name in enumerate(names)})
   return State(weights=weights, recent=recent, previous=jnp.where(due, means, state.previous),

@@ -94,8 +94,8 @@ def base_config(model, method, arg=None):
   config.loss = ml_collections.ConfigDict(dict(
       weights=dict(recon=1.0, recon_cond=1.0, kl=1e-3, vq=1.0),
       balancing='fixed',
-      softadapt=dict(variant='normalized', terms=(), beta=1.0, update_every=10, window=10,
-                     total=1.0)))
+      softadapt=dict(variant='normalized', scale='coefficients', terms=(), beta=1.0,
+                     update_every=10, window=10, total=1.0)))
 
   config.train = train_config()
 
@@ -234,6 +234,7 @@ def validate(config):
       **{f'loss.weights.{name}': NON_NEGATIVE for name in config.loss.weights},
       'loss.balancing': one_of(balancing.UPDATES),
       'loss.softadapt.variant': one_of(balancing.VARIANTS),
+      'loss.softadapt.scale': one_of(balancing.SCALES),
       'loss.softadapt.terms': (
           lambda terms: set(terms) <= set(names) and len(set(terms)) == len(terms),
           f'use a tuple of distinct terms of model={config.model}, method={config.method} from '

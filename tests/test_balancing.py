@@ -26,11 +26,12 @@ HISTORY = np.array([[4, 2, 10], [4, 2, 10], [3, 2, 12], [3, 2, 12], [1, 3, 12], 
                    np.float32)
 
 
-def softadapt_config(variant='plain', beta=0.5, total=1.0, terms=(), window=2, update_every=2):
+def softadapt_config(variant='plain', beta=0.5, total=1.0, terms=(), window=2, update_every=2,
+                     scale='total'):
   config = config_lib.base_config('gaussian', 'multi')
   config.loss.balancing = 'softadapt'
   config.loss.softadapt.update(variant=variant, beta=beta, total=total, terms=terms,
-                               window=window, update_every=update_every)
+                               window=window, update_every=update_every, scale=scale)
   config_lib.validate(config)
   return config
 
@@ -50,7 +51,7 @@ def weight_vector(state, names=NAMES):
 
 
 def by_hand(variant, slopes, means, beta, total):
-  """SoftAdapt's weights written out for each variant."""
+  """SoftAdapt's weights written out for each variant; `total` a number or one factor per term."""
   slopes, means = np.asarray(slopes, np.float64), np.asarray(means, np.float64)
   if variant == 'normalized':
     slopes = slopes / np.abs(slopes).sum()
@@ -58,19 +59,22 @@ def by_hand(variant, slopes, means, beta, total):
   return total * numerators / numerators.sum()
 
 
-@pytest.mark.parametrize('total', [1.0, 3.0])
+@pytest.mark.parametrize('scale,total', [('total', 1.0), ('total', 3.0), ('coefficients', 3.0)])
 @pytest.mark.parametrize('variant', list(balancing.VARIANTS))
-def test_softadapt_weights_match_a_hand_computed_update(variant, total):
-  states = replay(softadapt_config(variant, beta=0.5, total=total), HISTORY)
-  uniform = np.full(3, total / 3)
+def test_softadapt_weights_match_a_hand_computed_update(variant, scale, total):
+  config = softadapt_config(variant, beta=0.5, total=total, scale=scale)
+  # 'coefficients': K c_t per term (K = 3), so equal shares give the fixed weights back
+  factors = (np.full(3, total) if scale == 'total'
+             else 3 * np.array([config.loss.weights[name] for name in NAMES]))
+  states = replay(config, HISTORY)
   for step in (0, 1, 2):  # no update until two window means exist
-    np.testing.assert_allclose(weight_vector(states[step]), uniform, rtol=1e-6)
-  after_4 = by_hand(variant, [3 - 4, 2 - 2, 12 - 10], [3, 2, 12], 0.5, total)
+    np.testing.assert_allclose(weight_vector(states[step]), factors / 3, rtol=1e-6)
+  after_4 = by_hand(variant, [3 - 4, 2 - 2, 12 - 10], [3, 2, 12], 0.5, factors)
   np.testing.assert_allclose(weight_vector(states[3]), after_4, rtol=1e-5)
   np.testing.assert_allclose(weight_vector(states[4]), after_4, rtol=1e-5)  # kept between updates
-  after_6 = by_hand(variant, [1.5 - 3, 3 - 2, 12 - 12], [1.5, 3, 12], 0.5, total)
+  after_6 = by_hand(variant, [1.5 - 3, 3 - 2, 12 - 12], [1.5, 3, 12], 0.5, factors)
   np.testing.assert_allclose(weight_vector(states[5]), after_6, rtol=1e-5)
-  assert weight_vector(states[5]).sum() == pytest.approx(total, rel=1e-5)
+  np.testing.assert_allclose((weight_vector(states[5]) / factors).sum(), 1.0, rtol=1e-5)
 
 
 def test_window_and_update_period_are_independent():
@@ -94,14 +98,13 @@ def test_a_term_whose_loss_rises_gets_more_weight(variant):
 @hypothesis.settings(max_examples=30, deadline=None)
 @hypothesis.given(
     slopes=st.lists(st.floats(-1e3, 1e3), min_size=1, max_size=4),
-    beta=st.floats(-10, 10), total=st.floats(0.01, 100),
-    variant=st.sampled_from(list(balancing.VARIANTS)))
-def test_softadapt_weights_are_positive_and_sum_to_the_total(slopes, beta, total, variant):
+    beta=st.floats(-10, 10), variant=st.sampled_from(list(balancing.VARIANTS)))
+def test_softadapt_shares_are_positive_and_sum_to_one(slopes, beta, variant):
   slopes = jnp.asarray(slopes, jnp.float32)
   means = jnp.linspace(0.5, 50, len(slopes))
-  weights = balancing.softadapt_weights(slopes, means, variant=variant, beta=beta, total=total)
-  assert np.all(np.asarray(weights) >= 0)
-  assert float(jnp.sum(weights)) == pytest.approx(total, rel=1e-4)
+  shares = balancing.softadapt_shares(slopes, means, variant=variant, beta=beta)
+  assert np.all(np.asarray(shares) >= 0)
+  assert float(jnp.sum(shares)) == pytest.approx(1.0, rel=1e-4)
 
 
 def test_terms_outside_the_softadapt_set_keep_their_fixed_weights():
@@ -164,8 +167,9 @@ def softadapt_steps():
 def test_train_step_compiles_once_while_softadapt_moves_the_weights(softadapt_steps):
   compiled, records = softadapt_steps
   weights = np.array([[w[name] for name in NAMES] for w, _ in records])
-  assert np.abs(weights[-1] - weights[1]).max() > 1e-4
-  np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
+  fixed = np.array([1.0, 1.0, 1e-3])  # the base config's W1, W2 and beta
+  assert np.abs(weights[-1] / weights[1] - 1).max() > 1e-4
+  np.testing.assert_allclose((weights / (3 * fixed)).sum(axis=1), 1.0, rtol=1e-5)
   assert compiled['jit(softadapt_step)'] == 1
 
 
@@ -184,13 +188,24 @@ def test_history_logs_the_moving_weights_and_validation_keeps_fixed_weights(tmp_
   history = [json.loads(line) for line in (tmp_path / 'history.jsonl').read_text().splitlines()]
   names = ('recon', 'vq')
   weights = np.array([[h[f'weights/{name}'] for name in names] for h in history])
-  np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=1e-5)
-  assert np.abs(weights - 1 / 2).max() > 1e-3  # moved from the initial total / K
+  np.testing.assert_allclose(weights.sum(axis=1), 2.0, rtol=1e-5)  # K c_t a_t with c = (1, 1)
+  assert np.abs(weights - 1).max() > 1e-3  # moved from the fixed weights of equal shares
   names += ('recon_cond',)  # validation also scores the conditioned reconstruction
   fixed = config.loss.weights
   for h in history:
     val = {name: h[f'val/{name}_loss'] for name in names}
     assert h['val/loss'] == pytest.approx(losses.weighted_sum(val, fixed), rel=1e-5)
+
+
+def test_softadapt_keeps_the_gaussian_multidecoder_latent_alive(tmp_path):
+  """SoftAdapt scaled by the fixed coefficients trains like them; shares scaled by a common
+  total let the per-image KL outweigh the per-pixel MSE and the KL collapses (to ~0.1 here)."""
+  config = small_config('gaussian', 'multi', num_epochs=3)
+  config.loss.balancing = 'softadapt'
+  metrics = train.train_and_evaluate(config, tmp_path)
+  assert metrics['kl_loss'] > 1.0
+  assert metrics['active_units'] == config.gaussian.latent_dim
+  assert metrics['recon_loss'] < 0.09  # about 0.10 when collapsed
 
 
 def test_bad_balancing_flag_ends_the_command_line_with_one_line():

@@ -26,7 +26,8 @@ from mtvae_jax import thesis_report
 _GRID = config_flags.DEFINE_config_file(
     'grid', None, 'Grid file and its data set, e.g. configs/thesis.py:fashion_mnist.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder of the grid: one subfolder per row.')
-_FOLDS = flags.DEFINE_integer('folds', 5, 'Folds k >= 2 of the cross-validation.')
+_FOLDS = flags.DEFINE_integer('folds', None, 'Folds k >= 2 of the cross-validation '
+                              "(default: the grid's, 5 unless it says otherwise).")
 _ROWS = flags.DEFINE_string('rows', '', 'Comma-separated globs of the row names to run '
                             '(default: all), e.g. "gauss1_*,vq1_base".')
 _EXECUTOR = flags.DEFINE_enum('executor', 'local', ['local', 'slurm'],
@@ -103,9 +104,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   grid, workdir = _GRID.value, _WORKDIR.value
   configs_dir = config_flags.get_config_filename(flags.FLAGS['grid']).rpartition('/')[0] or '.'
+  folds = grid.folds if _FOLDS.value is None else _FOLDS.value
+  overrides = [*grid.overrides, *OVERRIDES]
   try:
     rows = thesis.select(grid.rows.to_dict(), _ROWS.value)
-    commands, runs = thesis.expand(rows, _FOLDS.value, workdir, configs_dir, grid.data, OVERRIDES)
+    commands, runs = thesis.expand(rows, folds, workdir, configs_dir, grid.data, overrides)
     if _PARALLEL.value < 1:
       raise mtvae_jax.UserError(f'--parallel={_PARALLEL.value} is not allowed: use an integer >= 1')
     thesis.validate(commands)
@@ -123,9 +126,9 @@ def main(argv):
             pending, workdir, _CLUSTER.value, _PARTITION.value, _TIME.value, _GPUS.value,
             _ARRAY.value, _CPUS.value)
       network = {model for model in ('gaussian', 'vq')
-                 if any(o.startswith(f'--config.{model}.') for o in OVERRIDES)}
+                 if any(o.startswith(f'--config.{model}.') for o in overrides)}
       command = shlex.join(['python', '-m', 'experiments.thesis', *sys.argv[1:]])
-      thesis_report.write_report(workdir, rows, _FOLDS.value, command, network)
+      thesis_report.write_report(workdir, rows, folds, command, network)
       print(f'report: {workdir}/report.md')
   except mtvae_jax.UserError as e:
     fail(str(e))

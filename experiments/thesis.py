@@ -128,7 +128,7 @@ def main(argv):
       network = {model for model in ('gaussian', 'vq')
                  if any(o.startswith(f'--config.{model}.') for o in overrides)}
       command = shlex.join(['python', '-m', 'experiments.thesis', *sys.argv[1:]])
-      thesis_report.write_report(workdir, rows, folds, command, network)
+      thesis_report.write_report(workdir, rows, folds, command, network, grid.data)
       print(f'report: {workdir}/report.md')
   except mtvae_jax.UserError as e:
     fail(str(e))

@@ -18,6 +18,7 @@ import numpy as np
 
 from mtvae_jax import crossval
 from mtvae_jax import stats
+from mtvae_jax import thesis_table
 from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.models import REGULARIZER
 
@@ -138,13 +139,52 @@ def table(summaries, num_folds):
   for name, s in summaries.items():
     fields = s['fields']
     size = f"{s['mean']['num_params']:,.0f}" if 'num_params' in s['mean'] else '-'
-    cells = ([name, crossval.MODEL_NAMES[fields['model']], s['configuration'],
+    label = f'{name} **collapsed**' if s.get('collapsed_folds') else name
+    cells = ([label, crossval.MODEL_NAMES[fields['model']], s['configuration'],
               METHOD_NAMES[fields['method']], parameters_text(fields), size]
              + [_cell(s, k) for k, _ in LOSS_COLUMNS]
              + [_cell(s, f"{REGULARIZER[fields['model']]}_loss")]
              + [_cell(s, k) for k, _ in diagnostics] + [f"{len(s['folds'])}/{num_folds}"])
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
+
+
+# A fold has collapsed when its latent carries nothing: metric -> the largest collapsed value.
+COLLAPSE = {'active_units': 0, 'codes_used': 1}
+
+
+def collapsed_folds(summary):
+  """The folds of a row whose latent collapsed (no active unit, or at most one code used)."""
+  return sorted((fold for fold, metrics in summary['folds'].items()
+                 if any(metrics.get(k, limit + 1) <= limit for k, limit in COLLAPSE.items())),
+                key=int)
+
+
+def _number(value):
+  return '-' if value is None else f'{value:.4g}'
+
+
+def thesis_markdown(summaries, data_name):
+  """Each row beside its line(s) of the thesis's table 4.3, in the thesis's units."""
+  lines = ['| Row | Thesis reconstruction | Ours | Ours / thesis | Thesis KL or VQ | Ours '
+           '| Ours / thesis |', '|' + ' --- |' * 7]
+  for name, s in summaries.items():
+    found = s.get('thesis')
+    if found is None:
+      lines.append(f'| {name} | no counterpart in the thesis\'s table | | | | | |')
+      continue
+    cells = [name]
+    for i in (0, 1):
+      cells += [' / '.join(_number(line[i]) for line in found['thesis']), _number(found['ours'][i]),
+                ' / '.join(_number(r[i]) for r in found['ratio'])]
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  pixels = thesis_table.pixels_per_image(data_name)
+  return ('\n'.join(lines) + '\n\nUnits as in the thesis: Gaussian VAE, reconstruction as a '
+          'per-image sum of squared errors (ours: the per-pixel mean times D = '
+          f'{pixels or "unknown"} values per image) and the KL summed over latent dimensions; '
+          'VQ-VAE, per-pixel mean squared error and the VQ objective as ours. The thesis does not '
+          "name the data set of its table, nor the exponent of a single decoder's row: where it "
+          'has two lines for one row, both are given ("a / b"). Its models trained 100 epochs.\n')
 
 
 def judge(comparison_list, summaries):
@@ -253,16 +293,23 @@ def write_figures(workdir, summaries):
   return written
 
 
-def write_report(workdir, rows, num_folds, command='', network_overridden=()):
+def write_report(workdir, rows, num_folds, command='', network_overridden=(), data_name=''):
   """Writes <workdir>/report.json, report.md and figures/ from the finished folds of `rows`.
 
   network_overridden: the models ('gaussian', 'vq') whose network keys the
-  command changed, shown as configuration 'custom'. Returns report.json's content.
+  command changed, shown as configuration 'custom'; data_name: the grid's
+  data set (for the thesis's units). Returns report.json's content.
   """
   workdir = pathlib.Path(workdir)
   summaries = {name: summarize_row(fields, fold_metrics(workdir / name),
                                    fields['model'] in network_overridden)
                for name, fields in rows.items()}
+  for name, s in summaries.items():
+    s['collapsed_folds'] = collapsed_folds(s)
+    s['thesis'] = (None if s['configuration'] == 'custom' or not s['folds']
+                   else thesis_table.comparison(s['fields'], s['mean'], data_name))
+  collapsed = [f"{name} (folds {', '.join(s['collapsed_folds'])})"
+               for name, s in summaries.items() if s['collapsed_folds']]
   claims, results = judge(
       [c for c in comparisons(rows) if summaries[c.a]['folds'] and summaries[c.b]['folds']],
       summaries)
@@ -272,7 +319,11 @@ def write_report(workdir, rows, num_folds, command='', network_overridden=()):
   (workdir / 'report.json').write_text(json.dumps(report, indent=2) + '\n')
   text = ['# Thesis reproduction', '', f'`{command}`' if command else '', '',
           f'Test metrics of each row, mean ± sample std over its finished folds (of {num_folds}).',
-          '', table(summaries, num_folds), '## Claims', '',
+          '', table(summaries, num_folds),
+          '**Collapsed** (no active unit, or at most one code used): ' + '; '.join(collapsed)
+          if collapsed else 'No row collapsed (each fold keeps an active unit or two codes).',
+          '', "## Beside the thesis's table 4.3", '', thesis_markdown(summaries, data_name),
+          '## Claims', '',
           'Each comparison pairs the two rows fold by fold on the folds both finished (b - a), '
           f'with a paired t-test at the {stats.ALPHA:g} level; a claim holds when all of its '
           'comparisons hold and is contradicted when any is.', '', claims_markdown(claims, results)]

@@ -231,3 +231,40 @@ def test_a_bad_flag_ends_in_one_line_with_status_2_before_anything_is_written(tm
 def test_fewer_than_two_folds_are_refused(tmp_path):
   with pytest.raises(mtvae_jax.UserError, match='--folds=1 is not allowed'):
     thesis.expand({}, 1, tmp_path, 'configs', 'digits')
+
+
+def fake_fold(workdir, row, fold, **metrics):
+  (workdir / row / f'fold_{fold}').mkdir(parents=True)
+  (workdir / row / f'fold_{fold}' / 'metrics.json').write_text(json.dumps(metrics))
+  record = {'epoch': 1, **{f'val/{k}': v for k, v in metrics.items() if k.endswith('_loss')}}
+  (workdir / row / f'fold_{fold}' / 'history.jsonl').write_text(json.dumps(record) + '\n')
+
+
+def test_report_sets_each_row_beside_the_thesis_in_its_units_and_flags_collapse(tmp_path):
+  rows = {name: fields for name, fields in thesis_grid.get_config('fashion_mnist').rows.items()
+          if name in ('gauss1_base', 'gauss1_multi_exact_softadapt', 'vq1_single_uniform_a20',
+                      'vq2_base')}
+  for fold in (0, 1):
+    fake_fold(tmp_path, 'gauss1_base', fold, recon_loss=0.02, kl_loss=12.0, active_units=16)
+    fake_fold(tmp_path, 'gauss1_multi_exact_softadapt', fold, recon_loss=0.09, recon_cond_loss=0.03,
+              kl_loss=0.05, active_units=fold)  # fold 0 collapsed
+    fake_fold(tmp_path, 'vq1_single_uniform_a20', fold, recon_loss=0.006, vq_loss=0.003,
+              codes_used=40)
+    fake_fold(tmp_path, 'vq2_base', fold, recon_loss=0.005, vq_loss=0.002, codes_used=1)
+  report = thesis_report.write_report(tmp_path, rows, 2, data_name='fashion_mnist')
+  base = report['rows']['gauss1_base']['thesis']
+  assert base['thesis'] == [[13.9709, 12.9533]]
+  assert base['ours'] == pytest.approx([0.02 * 784, 12.0])  # per-pixel mean -> per-image sum
+  assert base['ratio'][0] == pytest.approx([0.02 * 784 / 13.9709, 12.0 / 12.9533])
+  single = report['rows']['vq1_single_uniform_a20']['thesis']
+  assert single['thesis'] == [[0.0030, 0.0024], [0.0029, 0.0030]]  # exponent not stated
+  assert single['ratio'][1] == pytest.approx([0.006 / 0.0029, 0.003 / 0.0030])
+  assert report['rows']['vq2_base']['thesis'] is None
+  assert report['rows']['gauss1_multi_exact_softadapt']['collapsed_folds'] == ['0']
+  assert report['rows']['vq2_base']['collapsed_folds'] == ['0', '1']
+  assert report['rows']['gauss1_base']['collapsed_folds'] == []
+  markdown = (tmp_path / 'report.md').read_text()
+  assert '| gauss1_base | 13.97 | 15.68 | 1.122 | 12.95 | 12 | 0.9264 |' in markdown
+  assert "| vq2_base | no counterpart in the thesis's table |" in markdown
+  assert '| gauss1_multi_exact_softadapt **collapsed** |' in markdown
+  assert 'gauss1_multi_exact_softadapt (folds 0); vq2_base (folds 0, 1)' in markdown

@@ -105,10 +105,12 @@ def main(argv):
   grid, workdir = _GRID.value, _WORKDIR.value
   configs_dir = config_flags.get_config_filename(flags.FLAGS['grid']).rpartition('/')[0] or '.'
   folds = grid.folds if _FOLDS.value is None else _FOLDS.value
-  overrides = [*grid.overrides, *OVERRIDES]
   try:
     rows = thesis.select(grid.rows.to_dict(), _ROWS.value)
-    commands, runs = thesis.expand(rows, folds, workdir, configs_dir, grid.data, overrides)
+    presets = {name: [*grid.overrides, *grid.model_overrides.get(fields['model'], ())]
+               for name, fields in rows.items()}
+    commands, runs = thesis.expand(rows, folds, workdir, configs_dir, grid.data, OVERRIDES,
+                                   presets)
     if _PARALLEL.value < 1:
       raise mtvae_jax.UserError(f'--parallel={_PARALLEL.value} is not allowed: use an integer >= 1')
     thesis.validate(commands)
@@ -126,7 +128,8 @@ def main(argv):
             pending, workdir, _CLUSTER.value, _PARTITION.value, _TIME.value, _GPUS.value,
             _ARRAY.value, _CPUS.value)
       network = {model for model in ('gaussian', 'vq')
-                 if any(o.startswith(f'--config.{model}.') for o in overrides)}
+                 if any(o.startswith(f'--config.{model}.') for args in commands.values()
+                        for o in args)}
       command = shlex.join(['python', '-m', 'experiments.thesis', *sys.argv[1:]])
       thesis_report.write_report(workdir, rows, folds, command, network, grid.data)
       print(f'report: {workdir}/report.md')

@@ -82,12 +82,17 @@ def select(rows, patterns):
           if any(fnmatch.fnmatchcase(name, glob) for glob in globs)}
 
 
-def expand(rows, num_folds, workdir, configs_dir, data, overrides=()):
-  """({row: its flags but the fold and workdir}, the runs, row by row, fold by fold)."""
+def expand(rows, num_folds, workdir, configs_dir, data, overrides=(), row_overrides=None):
+  """({row: its flags but the fold and workdir}, the runs, row by row, fold by fold).
+
+  Each row's flags: its own, then row_overrides[row] (a grid's presets), then `overrides`.
+  """
   if num_folds < 2:
     raise UserError(f'--folds={num_folds} is not allowed: use an integer >= 2')
-  commands = {name: [*row_arguments(fields, configs_dir, data), *overrides,
-                     f'--config.data.num_folds={num_folds}'] for name, fields in rows.items()}
+  row_overrides = row_overrides or {}
+  commands = {name: [*row_arguments(fields, configs_dir, data), *row_overrides.get(name, ()),
+                     *overrides, f'--config.data.num_folds={num_folds}']
+              for name, fields in rows.items()}
   runs = [Run(name, fold, pathlib.Path(workdir) / name / f'fold_{fold}',
               (*args, f'--config.data.fold={fold}',
                f'--workdir={pathlib.Path(workdir) / name / f"fold_{fold}"}'))

@@ -20,8 +20,8 @@ from absl import logging
 from ml_collections import config_flags
 
 import mtvae_jax
-from mtvae_jax import thesis
-from mtvae_jax import thesis_report
+from mtvae_jax.thesis import report as thesis_report
+from mtvae_jax.thesis import runs as thesis
 
 _GRID = config_flags.DEFINE_config_file(
     'grid', None, 'Grid file and its data set, e.g. configs/thesis.py:fashion_mnist.')

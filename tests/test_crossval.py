@@ -9,7 +9,7 @@ import pytest
 from conftest import device_env
 from conftest import ROOT
 from conftest import small_config
-from mtvae_jax import crossval
+from mtvae_jax.thesis import crossval
 from mtvae_jax.errors import UserError
 
 SMALL = ['--config.gaussian.hidden_sizes=(8,16)', '--config.gaussian.latent_dim=4',

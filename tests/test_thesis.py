@@ -15,9 +15,9 @@ from conftest import device_env
 from conftest import ROOT
 from configs import thesis as thesis_grid
 import mtvae_jax
-from mtvae_jax import stats
-from mtvae_jax import thesis
-from mtvae_jax import thesis_report
+from mtvae_jax.thesis import report as thesis_report
+from mtvae_jax.thesis import runs as thesis
+from mtvae_jax.thesis import stats
 
 TINY = ('--folds=2', '--rows=gauss1_base,gauss1_multi_exact', '--config.train.num_epochs=1',
         '--config.train.batch_size=64', '--config.gaussian.hidden_sizes=(8,16)',

@@ -7,7 +7,7 @@ k-fold cross-validation by `python -m experiments.main`, one process per
   <workdir>/<row>/command.json   experiments.main's flags of the row but the fold and workdir
   <workdir>/<row>/fold_<i>/      the run (config.json, history.jsonl, metrics.json, ...)
   <workdir>/<row>/fold_<i>.log   its terminal output
-  <workdir>/report.md, report.json, figures/   the results (mtvae_jax.thesis_report)
+  <workdir>/report.md, report.json, figures/   the results (mtvae_jax.thesis.report)
 
 A run is done when its metrics.json exists; a started run resumes from its
 checkpoints when launched again, so relaunching the pending runs finishes a

@@ -16,9 +16,9 @@ from matplotlib import ticker
 from matplotlib.figure import Figure
 import numpy as np
 
-from mtvae_jax import crossval
-from mtvae_jax import stats
-from mtvae_jax import thesis_table
+from mtvae_jax.thesis import crossval
+from mtvae_jax.thesis import stats
+from mtvae_jax.thesis import table as thesis_table
 from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.models import REGULARIZER
 

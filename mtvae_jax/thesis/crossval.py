@@ -67,10 +67,10 @@ def summarize(config, folds):
 
 def table_row(summary):
   description = summary['description']
+  losses = ('recon_loss', 'recon_cond_loss', f"{description['regularizer']}_loss")
   return (description['model'], description['configuration'], description['method'],
           description['parameters'], f"{summary['mean']['num_params']:,.0f}",
-          stats.mean_std_text(summary, 'recon_loss'), stats.mean_std_text(summary, 'recon_cond_loss'),
-          stats.mean_std_text(summary, f"{description['regularizer']}_loss"), str(len(summary['folds'])))
+          *(stats.mean_std_text(summary, name) for name in losses), str(len(summary['folds'])))
 
 
 def markdown_table(summaries):

@@ -154,7 +154,8 @@ def table(summaries, num_folds):
               methods.METHODS[fields['method']].title, parameters_text(fields), size]
              + [stats.mean_std_text(s, k) for k, _ in LOSS_COLUMNS]
              + [stats.mean_std_text(s, families.regularizer_metric(fields['model']))]
-             + [stats.mean_std_text(s, k) for k, _ in diagnostics] + [f"{len(s['folds'])}/{num_folds}"])
+             + [stats.mean_std_text(s, k) for k, _ in diagnostics]
+             + [f"{len(s['folds'])}/{num_folds}"])
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 

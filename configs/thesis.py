@@ -28,18 +28,21 @@ come last.
 """
 import ml_collections
 
+from mtvae_jax import methods
 from mtvae_jax.errors import UserError
+from mtvae_jax.thesis import runs
 
 PRESETS = {'gaussian': (1, 2), 'vq': (1, 2, 3)}
-SHORT = {'gaussian': 'gauss', 'vq': 'vq'}
 EXPONENTS = (20, 60)
 FULL_GRID_DATA = ('mnist', 'fashion_mnist', 'cifar10', 'celeb_a')
 
 
 def row(model, preset, method, sampling=None, exponent=None, balancing='fixed'):
-  """(name, fields) of one row; multi counts a fixed number of pixels, single a power-law one."""
-  count = {'none': None, 'multi': 'fixed', 'single': 'power_law'}[method]
-  words = [f'{SHORT[model]}{preset}', 'base' if method == 'none' else method]
+  """(name, fields) of one row; a conditioned method counts its pixels as methods.METHODS says
+  (multi a fixed number, single a power-law one)."""
+  spec = methods.METHODS[method]
+  count = spec.count if spec.conditioned else None
+  words = [f'{runs.CONFIG_FILES[model]}{preset}', runs.METHOD_FILES[method]]
   words += [w for w in (sampling, exponent and f'a{exponent}') if w]
   words += ['softadapt'] if balancing == 'softadapt' else []
   return '_'.join(words), dict(model=model, preset=preset, method=method, sampling=sampling,

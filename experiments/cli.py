@@ -54,10 +54,10 @@ def configure_jax():
     jax.config.update('jax_compilation_cache_dir', str(COMPILATION_CACHE))
 
 
-def fail(message):
-  """Ends the program with `message` on one line and exit status 2."""
+def fail(message, status=2):
+  """Ends the program with `message` on one line and exit status `status` (2: a mistake)."""
   print(f'error: {message}', file=sys.stderr)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def _chain(error):

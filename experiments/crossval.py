@@ -9,7 +9,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from mtvae_jax import crossval
+from mtvae_jax.thesis import crossval
 
 _FOLDS = flags.DEFINE_integer('folds', 5, 'Number of folds k >= 2.')
 

@@ -9,7 +9,7 @@ from absl import app
 from absl import flags
 
 from experiments import cli
-from mtvae_jax import crossval
+from mtvae_jax.thesis import crossval
 
 _OUT = flags.DEFINE_string('out', None, 'Markdown file to write the table to.')
 

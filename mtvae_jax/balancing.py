@@ -23,8 +23,8 @@ import flax
 import jax
 import jax.numpy as jnp
 
+from mtvae_jax import families
 from mtvae_jax import methods
-from mtvae_jax import models
 
 
 @flax.struct.dataclass
@@ -43,7 +43,7 @@ class State:
 def term_names(model, method):
   """The loss terms trained by `model` and `method`: the method's reconstruction terms and the
   model's regulariser."""
-  return (*methods.METHODS[method].train, models.REGULARIZER[model])
+  return (*methods.METHODS[method].train, families.FAMILIES[model].regularizer)
 
 
 def balanced_names(config):

@@ -21,6 +21,7 @@ import weakref
 
 import jax
 
+from mtvae_jax import models
 from mtvae_jax import parallel
 from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
@@ -104,8 +105,7 @@ def _save(manager, step, args):
 def save_best(manager, epoch, state):
   """Saves params and batch-norm statistics as the best epoch."""
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  _save(manager, epoch, ocp.args.StandardSave(
-      {'params': state.params, 'batch_stats': state.batch_stats}))
+  _save(manager, epoch, ocp.args.StandardSave(models.variables(state)))
 
 
 def restore_best(manager, state, epoch=None):
@@ -119,8 +119,7 @@ def restore_best(manager, state, epoch=None):
   except Damaged as e:
     raise UserError(f'the best checkpoint {manager.directory}/{epoch} is damaged ({e}): remove '
                     f'{manager.directory} and its run\'s metrics.json, then train again') from None
-  restored = manager.restore(epoch, args=ocp.args.StandardRestore(
-      {'params': state.params, 'batch_stats': state.batch_stats}))
+  restored = manager.restore(epoch, args=ocp.args.StandardRestore(models.variables(state)))
   return state.replace(params=restored['params'], batch_stats=restored['batch_stats'])
 
 

@@ -16,9 +16,9 @@ import ml_collections
 
 from mtvae_jax import balancing
 from mtvae_jax import data
+from mtvae_jax import families
 from mtvae_jax import masks
 from mtvae_jax import methods
-from mtvae_jax import models
 from mtvae_jax.errors import UserError
 
 # The thesis's network configurations (its 3.4.2).
@@ -70,9 +70,10 @@ def base_config(model, method, arg=None):
       # At most this many images of the data set, drawn by seed before the splits (0: all).
       max_images=0))
 
-  config.gaussian = ml_collections.ConfigDict(PRESETS['gaussian'][preset if model == 'gaussian' else 1])
-  config.vq = ml_collections.ConfigDict(dict(
-      PRESETS['vq'][preset if model == 'vq' else 1], commitment_cost=0.25))
+  # The model's network is its configuration `preset`; the other family's is its configuration 1.
+  for family, presets in PRESETS.items():
+    config[family] = ml_collections.ConfigDict(dict(presets[preset if family == model else 1]))
+  config.vq.commitment_cost = 0.25
 
   config.mask = ml_collections.ConfigDict(dict(
       sampling=methods.METHODS[method].sampling,
@@ -206,12 +207,12 @@ def _mixture_weights(names):
 
 def validate(config):
   """Checks every key that does not depend on the data; raises UserError on the first bad one."""
-  check(config, {'model': one_of(models.MODELS), 'method': one_of(methods.METHODS)})
+  check(config, {'model': one_of(families.FAMILIES), 'method': one_of(methods.METHODS)})
   names = balancing.term_names(config.model, config.method)
   num_processes = config.distributed.num_processes
   check(config, {
       'seed': SEED,
-      'conditioning': one_of(models.CONDITIONINGS),
+      'conditioning': one_of(families.CONDITIONINGS),
       'data.name': one_of(data.DATASETS),
       'mask.sampling': one_of((*masks.SAMPLINGS, masks.MIXTURE)),
       'mask.count': one_of((*masks.COUNTS, masks.MIXTURE)),

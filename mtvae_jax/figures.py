@@ -9,6 +9,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from mtvae_jax import models
+
 DECODER_TITLES = {'recon': 'p(x | z)', 'recon_cond': 'p(x | z, m)'}
 UNOBSERVED = 0.5  # grey for the pixels a mask hides
 # The y axis of losses.png's left panel, by regularizer, and of its right panel.
@@ -35,15 +37,11 @@ class Column(NamedTuple):
   vmax: float = 1.0
 
 
-def variables(state):
-  return {'params': state.params, 'batch_stats': state.batch_stats}
-
-
 def reconstruct(state, images, key, *, conds_fn):
   """Evaluation-mode reconstructions: (conds, {term: (B, H, W, C)}) for conds_fn(images, key)."""
   mask_key, z_key = jax.random.split(key)
   conds = conds_fn(images, mask_key)
-  outputs, _ = state.apply_fn(variables(state), images, conds, z_key, train=False)
+  outputs, _ = state.apply_fn(models.variables(state), images, conds, z_key, train=False)
   return conds, outputs
 
 
@@ -116,24 +114,51 @@ def save_grid(path, grid, title, column_titles=()):
   fig.savefig(path, dpi=dpi)
 
 
+def loss_metrics(regularizer):
+  """The history's metrics of the loss-curve panels: the KL or VQ term, decoder 1's
+  reconstruction."""
+  return f'val/{regularizer}_loss', 'val/recon_loss'
+
+
+def loss_curves(histories, metrics):
+  """{'epoch': (E,), metric: (R, E)} of R runs' histories [[record, ...], ...] over the epochs
+  where every run has every one of `metrics`, or None where there is no such epoch."""
+  by_epoch = [{r['epoch']: r for r in history if all(m in r for m in metrics)}
+              for history in histories]
+  epochs = sorted(set.intersection(*(set(records) for records in by_epoch)))
+  if not epochs:
+    return None
+  return {'epoch': np.array(epochs),
+          **{m: np.array([[records[e][m] for e in epochs] for records in by_epoch])
+             for m in metrics}}
+
+
 def save_loss_curves(path, histories, regularizer):
-  """Validation losses per epoch of each run in `histories` {label: [record, ...]}.
+  """Validation losses per epoch of each label of `histories`: {label: a run's history
+  [record, ...], or the histories of its folds [[record, ...], ...]}, the mean over folds with a
+  band of ± one standard deviation. Labels without an epoch of both losses are left out.
 
   Left: the KL or VQ term; right: the reconstruction loss of decoder 1 (the
   thesis's figures 4.2 and 4.4-4.6).
   """
   from matplotlib import ticker  # pylint: disable=import-outside-toplevel
-  fig = _figure(figsize=(10, 3.5), layout='constrained')
-  axes = fig.subplots(1, 2)
-  for ax, metric, title, ylabel in (
-      (axes[0], f'val/{regularizer}_loss', f'{regularizer.upper()} loss',
-       REGULARIZER_LABELS[regularizer]),
-      (axes[1], 'val/recon_loss', 'reconstruction loss, decoder 1', RECON_LABEL)):
-    for label, history in histories.items():
-      ax.plot([r['epoch'] for r in history], [r[metric] for r in history], label=label)
+  panels = zip(loss_metrics(regularizer), (f'{regularizer.upper()} loss',
+                                           'reconstruction loss, decoder 1'),
+               (REGULARIZER_LABELS[regularizer], RECON_LABEL))
+  curves = {label: loss_curves(runs if runs and isinstance(runs[0], list) else [runs],
+                               loss_metrics(regularizer)) for label, runs in histories.items()}
+  fig = _figure(figsize=(10, 3.8), layout='constrained')
+  for ax, (metric, title, ylabel) in zip(fig.subplots(1, 2), panels):
+    for label, curve in curves.items():
+      if curve is None:
+        continue
+      values = curve[metric]
+      mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else 0 * values[0]
+      line, = ax.plot(curve['epoch'], mean, label=label, marker='.' if len(mean) <= 30 else None)
+      ax.fill_between(curve['epoch'], mean - std, mean + std, color=line.get_color(), alpha=0.2)
     ax.set(title=f'validation {title}', xlabel='epoch', ylabel=ylabel, yscale='log')
     ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.legend()
+    ax.legend(fontsize=7)
   fig.savefig(path, dpi=100)
 
 

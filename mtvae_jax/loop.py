@@ -11,6 +11,7 @@
 The train step and the eval step each compile once per run.
 """
 import contextlib
+import dataclasses
 import functools
 import pathlib
 import signal
@@ -190,130 +191,205 @@ def _format_value(value):
   return str(value)
 
 
+class _Setup(NamedTuple):
+  """What every epoch of a run shares: compiled steps, device data, checkpoint managers."""
+  task: Task
+  config: Any
+  workdir: pathlib.Path
+  writes: bool  # whether this process writes files (process 0)
+  train_fn: Callable  # jitted guarded_step
+  eval_fn: Callable  # jitted task.eval_step
+  data: tuple  # the train, validation and test splits on the device (pipeline.to_device)
+  best: Any  # checkpoint managers: the best epoch's, the latest states'
+  latest: Any
+  metric_names: list
+  steps_per_epoch: int
+  num_workers: int
+
+
+@dataclasses.dataclass
+class _Carry:
+  """What training updates as it goes; the latest checkpoint holds all of it."""
+  state: Any
+  sums: dict  # {metric: ()} summed over the epoch's steps so far, and 'steps'
+  health: dict  # HEALTHY's keys
+  position: dict  # epoch and step where the run (re)started, best_loss, best_epoch
+
+  def tree(self):
+    return {'state': self.state, 'sums': self.sums, 'health': self.health}
+
+
+def _open_workdir(config, workdir, state):
+  """Whether `workdir` holds a run to resume; process 0 then creates or checks it, sized for
+  the checkpoints of `state` (workdir.init_workdir)."""
+  resume = (workdir / workdir_lib.CONFIG).exists()
+  parallel.sync('workdir read')  # by every process, before process 0 changes it
+  if parallel.is_writer():
+    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
+    workdir_lib.init_workdir(config, workdir, resume,
+                             needed_bytes=(state_bytes + checkpoints.METADATA_BYTES)
+                             * (config.train.keep_checkpoints + 2))
+  parallel.sync('workdir ready')
+  return resume
+
+
+def _set_up(task, config, workdir, num_workers):
+  """Jits the steps, puts the splits on the device and opens the checkpoint managers."""
+  train_config = config.train
+  train_fn = jax.jit(functools.partial(guarded_step, step_fn=task.train_step,
+                                       on_nonfinite=train_config.on_nonfinite),
+                     donate_argnums=(0, 1, 2) if donates_state() else (1, 2),
+                     out_shardings=parallel.replicated())
+  eval_fn = jax.jit(task.eval_step, out_shardings=parallel.replicated())
+  _, metric_shapes = jax.eval_shape(task.train_step, task.state,
+                                    _batch_spec(task.splits.train, train_config.batch_size),
+                                    task.train_key)
+  best, latest = checkpoints.managers(workdir, train_config.keep_checkpoints)
+  return _Setup(task, config, workdir, parallel.is_writer(), train_fn, eval_fn,
+                tuple(map(pipeline.to_device, task.splits)), best, latest, sorted(metric_shapes),
+                len(task.splits.train) // train_config.batch_size, num_workers)
+
+
+def _zero_sums(metric_names):
+  return parallel.replicate({name: np.zeros((), np.float32) for name in [*metric_names, 'steps']})
+
+
+def _start(setup, resume):
+  """The carry of a new run, or the latest checkpoint's when it resumes."""
+  carry = _Carry(setup.task.state, _zero_sums(setup.metric_names),
+                 parallel.replicate({name: np.array(value, np.int32)
+                                     for name, value in HEALTHY.items()}),
+                 {'epoch': 1, 'step': 0, 'best_loss': float('inf'), 'best_epoch': 0})
+  restored = checkpoints.restore_latest(setup.latest, carry.tree()) if resume else None
+  if restored:
+    tree, position = restored
+    carry = _Carry(tree['state'], tree['sums'], tree['health'], position)
+    print(f'resuming at epoch {position["epoch"]}, step {position["step"]}')
+  return carry
+
+
+def _save_latest(setup, carry, epoch, step):
+  """Checks the health ('stop' mode), then checkpoints `carry` as at step `step` of `epoch`."""
+  _check_health(carry.health, setup.metric_names, setup.workdir, setup.config.train.on_nonfinite)
+  checkpoints.save_latest(setup.latest, (epoch - 1) * setup.steps_per_epoch + step, carry.tree(),
+                          dict(carry.position, epoch=epoch, step=step))
+
+
+def _train_epoch(setup, carry, epoch, stop):
+  """Trains epoch `epoch` (from the step where the run resumed); returns its train metrics and
+  {'images_per_s'} (absent for a single step). Checkpoints every checkpoint_every_steps, and
+  raises UserError after checkpointing when `stop` is requested."""
+  train_config, position = setup.config.train, carry.position
+  batch_size, every = train_config.batch_size, train_config.checkpoint_every_steps
+  first_step = position['step'] if epoch == position['epoch'] else 0
+  order = pipeline.epoch_order(setup.config.seed, epoch, len(setup.task.splits.train),
+                               batch_size)[first_step:]
+  batches = pipeline.batches(setup.data[0], order, setup.num_workers)
+  for step, batch in enumerate(tqdm.tqdm(batches, total=len(order), desc=f'epoch {epoch}',
+                                         leave=False, disable=None, file=sys.stderr),
+                               start=first_step + 1):
+    carry.state, carry.sums, carry.health = setup.train_fn(
+        carry.state, carry.sums, carry.health, batch, setup.task.train_key)
+    if step == first_step + 1:  # the first step may have compiled: time the rest
+      timed_from = time.perf_counter()
+    due = every and step < setup.steps_per_epoch and (
+        (epoch - 1) * setup.steps_per_epoch + step) % every == 0
+    stopping = stop.requested(step)
+    if stopping or due:
+      _save_latest(setup, carry, epoch, step)
+    if stopping:
+      raise UserError(f'stopped by {stop.received or "a signal to another process"} at epoch '
+                      f'{epoch}, step {step}: the state is checkpointed in {setup.workdir}/'
+                      'checkpoints; rerun the same command to resume')
+  totals = jax.device_get(carry.sums)
+  metrics = {name: float(totals[name] / max(totals['steps'], 1)) for name in setup.metric_names}
+  throughput = {'images_per_s': (len(order) - 1) * batch_size / (time.perf_counter() - timed_from)
+                } if len(order) > 1 else {}
+  return metrics, throughput
+
+
+def _end_epoch(setup, carry, epoch, train_metrics, timing, writer, history):
+  """Validates epoch `epoch`, writes its record (history.jsonl, TensorBoard) of the metrics and
+  `timing` {'seconds', 'images_per_s'?}, keeps the best checkpoint and the latest one, and prints
+  the epoch's line."""
+  task = setup.task
+  host_health = _check_health(carry.health, setup.metric_names, setup.workdir,
+                              setup.config.train.on_nonfinite)
+  val_metrics = evaluate(setup.eval_fn, carry.state, setup.data[1],
+                         setup.config.train.batch_size, task.eval_key, setup.num_workers,
+                         task.eval_metrics)
+  extras = {group: {name: float(value) for name, value in values.items()}
+            for group, values in jax.device_get(task.extras(carry.state)).items()}
+  record = {'epoch': epoch,
+            **{f'train/{k}': v for k, v in train_metrics.items()},
+            **{f'val/{k}': v for k, v in val_metrics.items()},
+            **{f'{group}/{k}': v for group, values in extras.items() for k, v in values.items()},
+            'skipped_steps': int(host_health['skipped']), **timing}
+  if history is not None:
+    history.append(record)
+  writer.write(record, carry.state)
+  if val_metrics[task.objective] < carry.position['best_loss']:
+    carry.position.update(best_loss=val_metrics[task.objective], best_epoch=epoch)
+    checkpoints.save_best(setup.best, epoch, carry.state)
+  carry.sums = _zero_sums(setup.metric_names)
+  _save_latest(setup, carry, epoch + 1, 0)
+  print(f'epoch {epoch}: ' + ' | '.join([
+      f'train {format_metrics(train_metrics)}', f'val {format_metrics(val_metrics)}',
+      *(f'{group} {format_metrics(values)}' for group, values in extras.items()),
+      *(f'{rate:.0f} images/s' for name, rate in timing.items() if name == 'images_per_s')]),
+        flush=True)
+
+
+def _train(setup, carry):
+  """The epochs from carry.position's to config.train.num_epochs; checkpoints are complete on
+  disk when it returns or raises."""
+  try:
+    with contextlib.ExitStack() as stack:
+      stop = stack.enter_context(_StopSignal())
+      history = (stack.enter_context(workdir_lib.History(setup.workdir, carry.position['epoch']))
+                 if setup.writes else None)  # only process 0 writes files
+      writer = stack.enter_context(events.EventWriter(
+          setup.workdir, setup.task.grid, first_epoch=carry.position['epoch'],
+          enabled=setup.writes))
+      for epoch in range(carry.position['epoch'], setup.config.train.num_epochs + 1):
+        start = time.perf_counter()
+        train_metrics, throughput = _train_epoch(setup, carry, epoch, stop)
+        timing = {'seconds': time.perf_counter() - start, **throughput}
+        _end_epoch(setup, carry, epoch, train_metrics, timing, writer, history)
+  finally:  # an exception must not lose a checkpoint still being written
+    checkpoints.finish(setup.best)
+    checkpoints.finish(setup.latest)
+
+
+def _test(setup, carry, summarize):
+  """The content of metrics.json: the test metrics of the best checkpoint, written by process 0."""
+  position, task = carry.position, setup.task
+  if not position['best_epoch']:
+    raise UserError(f'no epoch had a finite validation {task.objective}, so there is no best '
+                    f'checkpoint to test: lower train.learning_rate, or check the data')
+  state = checkpoints.restore_best(setup.best, carry.state, position['best_epoch'])
+  test_metrics = evaluate(setup.eval_fn, state, setup.data[2], setup.config.train.batch_size,
+                          task.eval_key, setup.num_workers, task.eval_metrics)
+  print(f'test (best epoch {position["best_epoch"]}): {format_metrics(test_metrics)}')
+  result = summarize(test_metrics, position['best_epoch'], position['best_loss'])
+  if setup.writes:
+    workdir_lib.write_json(setup.workdir / workdir_lib.METRICS, result)
+  return result
+
+
 def fit(task, config, workdir, summarize, num_workers=0) -> dict:
   """Trains `task` by config.train (and config.seed) in `workdir`; returns its metrics.json.
 
   summarize(test metrics, best epoch, its validation objective) -> the
   content of metrics.json. num_workers: processes that decode a streamed
   split (data.pipeline). The caller holds the workdir's lock
-  (workdir.writer_lock). Raises UserError for a workdir that cannot be
-  written, a non-finite metric ('stop' mode) or SIGTERM/SIGINT (after
-  checkpointing).
+  (workdir.writer_lock). Installs SIGTERM/SIGINT handlers while it trains.
+  Raises UserError for a workdir that cannot be written, a non-finite metric
+  ('stop' mode) or SIGTERM/SIGINT (after checkpointing).
   """
   workdir = pathlib.Path(workdir).absolute()
-  state, splits, train_config = task.state, task.splits, config.train
-  resume = (workdir / workdir_lib.CONFIG).exists()
-  writes = parallel.is_writer()
-  parallel.sync('workdir read')  # by every process, before process 0 changes it
-  if writes:
-    state_bytes = sum(x.nbytes for x in jax.tree.leaves(state))
-    workdir_lib.init_workdir(config, workdir, resume,
-                             needed_bytes=(state_bytes + checkpoints.METADATA_BYTES)
-                             * (train_config.keep_checkpoints + 2))
-  parallel.sync('workdir ready')
-
-  train_fn = jax.jit(functools.partial(guarded_step, step_fn=task.train_step,
-                                       on_nonfinite=train_config.on_nonfinite),
-                     donate_argnums=(0, 1, 2) if donates_state() else (1, 2),
-                     out_shardings=parallel.replicated())
-  eval_fn = jax.jit(task.eval_step, out_shardings=parallel.replicated())
-  batch_size = train_config.batch_size
-  steps_per_epoch = len(splits.train) // batch_size
-  train_data, val_data, test_data = map(pipeline.to_device, splits)
-  best_checkpoints, latest_checkpoints = checkpoints.managers(workdir,
-                                                              train_config.keep_checkpoints)
-
-  _, metric_shapes = jax.eval_shape(task.train_step, state,
-                                    _batch_spec(splits.train, batch_size), task.train_key)
-  metric_names = sorted(metric_shapes)
-  zero_sums = lambda: parallel.replicate(
-      {name: np.zeros((), np.float32) for name in [*metric_names, 'steps']})
-  sums = zero_sums()
-  health = parallel.replicate({name: np.array(value, np.int32) for name, value in HEALTHY.items()})
-  position = {'epoch': 1, 'step': 0, 'best_loss': float('inf'), 'best_epoch': 0}
-  restored = checkpoints.restore_latest(
-      latest_checkpoints, {'state': state, 'sums': sums, 'health': health}) if resume else None
-  if restored:
-    (tree, position) = restored
-    state, sums, health = tree['state'], tree['sums'], tree['health']
-    print(f'resuming at epoch {position["epoch"]}, step {position["step"]}')
-
-  def save_latest(epoch, step):
-    _check_health(health, metric_names, workdir, train_config.on_nonfinite)
-    checkpoints.save_latest(
-        latest_checkpoints, (epoch - 1) * steps_per_epoch + step,
-        {'state': state, 'sums': sums, 'health': health},
-        dict(position, epoch=epoch, step=step))
-
-  every = train_config.checkpoint_every_steps
-  try:
-    with contextlib.ExitStack() as stack:
-      stop = stack.enter_context(_StopSignal())
-      if writes:  # only process 0 writes files
-        history = stack.enter_context(workdir_lib.History(workdir, position['epoch']))
-      writer = stack.enter_context(events.EventWriter(
-          workdir, task.grid, first_epoch=position['epoch'], enabled=writes))
-      for epoch in range(position['epoch'], train_config.num_epochs + 1):
-        start = time.perf_counter()
-        first_step = position['step'] if epoch == position['epoch'] else 0
-        order = pipeline.epoch_order(config.seed, epoch, len(splits.train), batch_size)[first_step:]
-        batches = pipeline.batches(train_data, order, num_workers)
-        for step, batch in enumerate(tqdm.tqdm(batches, total=len(order), desc=f'epoch {epoch}',
-                                               leave=False, disable=None, file=sys.stderr),
-                                     start=first_step + 1):
-          state, sums, health = train_fn(state, sums, health, batch, task.train_key)
-          if step == first_step + 1:  # the first step may have compiled: time the rest
-            timed_from = time.perf_counter()
-          due = every and step < steps_per_epoch and ((epoch - 1) * steps_per_epoch + step) % every == 0
-          stopping = stop.requested(step)
-          if stopping or due:
-            save_latest(epoch, step)
-          if stopping:
-            raise UserError(f'stopped by {stop.received or "a signal to another process"} at epoch '
-                            f'{epoch}, step {step}: the state is checkpointed in {workdir}/'
-                            'checkpoints; rerun the same command to resume')
-        host_health = _check_health(health, metric_names, workdir, train_config.on_nonfinite)
-        totals = jax.device_get(sums)
-        train_metrics = {name: float(totals[name] / max(totals['steps'], 1))
-                         for name in metric_names}
-        end = time.perf_counter()
-        seconds = end - start
-        throughput = {'images_per_s': (len(order) - 1) * batch_size / (end - timed_from)
-                      } if len(order) > 1 else {}
-        val_metrics = evaluate(eval_fn, state, val_data, batch_size, task.eval_key, num_workers,
-                               task.eval_metrics)
-        extras = {group: {name: float(value) for name, value in values.items()}
-                  for group, values in jax.device_get(task.extras(state)).items()}
-        record = {'epoch': epoch,
-                  **{f'train/{k}': v for k, v in train_metrics.items()},
-                  **{f'val/{k}': v for k, v in val_metrics.items()},
-                  **{f'{group}/{k}': v for group, values in extras.items() for k, v in values.items()},
-                  'skipped_steps': int(host_health['skipped']),
-                  'seconds': seconds, **throughput}
-        if writes:
-          history.append(record)
-        writer.write(record, state)
-        if val_metrics[task.objective] < position['best_loss']:
-          position.update(best_loss=val_metrics[task.objective], best_epoch=epoch)
-          checkpoints.save_best(best_checkpoints, epoch, state)
-        sums = zero_sums()
-        save_latest(epoch + 1, 0)
-        print(f'epoch {epoch}: ' + ' | '.join([
-            f'train {format_metrics(train_metrics)}', f'val {format_metrics(val_metrics)}',
-            *(f'{group} {format_metrics(values)}' for group, values in extras.items()),
-            *(f'{rate:.0f} images/s' for rate in throughput.values())]), flush=True)
-  finally:  # an exception must not lose a checkpoint still being written
-    checkpoints.finish(best_checkpoints)
-    checkpoints.finish(latest_checkpoints)
-
-  if not position['best_epoch']:
-    raise UserError(f'no epoch had a finite validation {task.objective}, so there is no best '
-                    f'checkpoint to test: lower train.learning_rate, or check the data')
-  state = checkpoints.restore_best(best_checkpoints, state, position['best_epoch'])
-  test_metrics = evaluate(eval_fn, state, test_data, batch_size, task.eval_key, num_workers,
-                          task.eval_metrics)
-  print(f'test (best epoch {position["best_epoch"]}): {format_metrics(test_metrics)}')
-  result = summarize(test_metrics, position['best_epoch'], position['best_loss'])
-  if writes:
-    workdir_lib.write_json(workdir / workdir_lib.METRICS, result)
-  return result
+  resume = _open_workdir(config, workdir, task.state)
+  setup = _set_up(task, config, workdir, num_workers)
+  carry = _start(setup, resume)
+  _train(setup, carry)
+  return _test(setup, carry, summarize)

@@ -179,8 +179,8 @@ def sample_mask(key, shape, *, sampling, count, num_pixels, power_law_exponent,
     k = choose(choice_key, count_weights, lambda name: count_fn(count_key, count=name))
   else:
     k = count_fn(count_key, count=count)
-  pixels_fn = lambda name, key: (gaussian_mask(key, k, shape, gaussian_std) if name == 'gaussian'
-                                 else SAMPLERS[name](key, k, shape))
+  samplers = dict(SAMPLERS, gaussian=functools.partial(gaussian_mask, std=gaussian_std))
+  pixels_fn = lambda name, key: samplers[name](key, k, shape)
   if sampling == MIXTURE:
     choice_key, pixel_key = jax.random.split(pixel_key)
     return choose(choice_key, sampling_weights, lambda name: pixels_fn(name, pixel_key))

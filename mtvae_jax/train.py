@@ -66,9 +66,8 @@ def create_train_state(config, model, image_shape, key):
 
 def loss_terms(state, params, images, conds, key, train):
   """Per-example loss terms {name: (B,)} and the new batch-norm statistics."""
-  variables = {'params': params, 'batch_stats': state.batch_stats}
   (outputs, terms), updates = state.apply_fn(
-      variables, images, conds, key, train=train, mutable=['batch_stats'])
+      models.variables(state, params), images, conds, key, train=train, mutable=['batch_stats'])
   terms = dict(terms, **{name: losses.mse(images, out) for name, out in outputs.items()})
   return terms, updates['batch_stats']
 
@@ -105,6 +104,23 @@ def eval_step(state, images, weights, key, *, config):
   return dict(sums, **diagnostic_sums(state, images, conds, z_key, weights, config=config))
 
 
+def _code_counts(apply, images, weights, config):
+  """A VQ-VAE's use of its codebook: {'code_counts': (K,)}."""
+  return {'code_counts': diagnostics.code_counts(apply(images, method='codes'),
+                                                 config.vq.num_embeddings, weights)}
+
+
+def _latent_sums(apply, images, weights, config):
+  """A Gaussian VAE's posterior means, for its active units: {'latent_sums': {...}}."""
+  del config
+  return {'latent_sums': diagnostics.latent_sums(apply(images, method='posterior_mean'), weights)}
+
+
+# config.model -> the weighted sums behind its latent's diagnostics, fn(apply, images, weights,
+# config) -> {name: sums}.
+LATENT_SUMS = {'gaussian': _latent_sums, 'vq': _code_counts}
+
+
 def diagnostic_sums(state, images, conds, z_key, weights, *, config):
   """Sums over the batch, weighted by `weights` (B,), from which `diagnostic_metrics` computes
   the diagnostics (diagnostics.py).
@@ -114,14 +130,8 @@ def diagnostic_sums(state, images, conds, z_key, weights, *, config):
   {'own', 'other'} given the z of eval_step's loss terms (same `z_key`) and
   given another image's z.
   """
-  apply = functools.partial(state.apply_fn,
-                            {'params': state.params, 'batch_stats': state.batch_stats})
-  if config.model == 'vq':
-    codes = apply(images, method='codes')
-    sums = {'code_counts': diagnostics.code_counts(codes, config.vq.num_embeddings, weights)}
-  else:
-    sums = {'latent_sums': diagnostics.latent_sums(apply(images, method='posterior_mean'),
-                                                   weights)}
+  apply = functools.partial(state.apply_fn, models.variables(state))
+  sums = LATENT_SUMS[config.model](apply, images, weights, config)
   # XLA merges the encoder passes and the decode with the own z with the loss terms' equal
   # ones: the diagnostics add one decode, with the other z.
   m = conds.get('recon_cond')

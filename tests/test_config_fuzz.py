@@ -1,10 +1,13 @@
 """Property test: any invalid override ends the command line with one line and exit status 2."""
 import string
+import subprocess
+import sys
 
 from absl import flags
 from hypothesis import HealthCheck, given, settings, strategies as st
 import pytest
 
+from conftest import ROOT
 from experiments import cli
 import mtvae_jax
 
@@ -56,3 +59,14 @@ def test_invalid_override_exits_with_one_line(override, capsys, tmp_path):
   # nothing written for a refused config; the lock, taken before the data are loaded, may be left
   run = tmp_path / 'run'
   assert not run.exists() or [path.name for path in run.iterdir()] == ['.lock']
+
+
+def test_a_config_is_validated_without_importing_the_models():
+  """Checking a config (as a grid checks each row's) loads no flax module: families.py has the
+  names it needs."""
+  code = ('import sys; from mtvae_jax import config; '
+          "config.validate(config.base_config('vq', 'single', 'digits')); "
+          "print(sorted(m for m in sys.modules if m.startswith('mtvae_jax.models')))")
+  result = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300, check=True)
+  assert result.stdout.strip() == '[]'

@@ -9,8 +9,9 @@ import pytest
 from conftest import device_env
 from conftest import ROOT
 from conftest import small_config
-from mtvae_jax import crossval
 from mtvae_jax.errors import UserError
+from mtvae_jax.thesis import crossval
+from mtvae_jax.thesis import stats
 
 SMALL = ['--config.gaussian.hidden_sizes=(8,16)', '--config.gaussian.latent_dim=4',
          '--config.train.batch_size=64', '--config.train.num_epochs=1']
@@ -29,7 +30,7 @@ def command():
 
 
 def test_aggregate_is_numpys_mean_and_sample_std_over_folds():
-  result = crossval.aggregate(FOLDS)
+  result = stats.aggregate(FOLDS)
   for name in ('loss', 'recon_loss', 'kl_loss', 'num_params'):
     values = np.array([fold[name] for fold in FOLDS])
     assert result['mean'][name] == pytest.approx(np.mean(values))

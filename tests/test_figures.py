@@ -41,6 +41,19 @@ def test_both_loss_panels_label_their_y_axis(tmp_path, drawn, regularizer):
                                                    figures.RECON_LABEL]
 
 
+def test_the_folds_of_a_row_are_drawn_as_their_mean_over_the_epochs_they_all_have(tmp_path,
+                                                                                 drawn):
+  folds = [[{'epoch': e, 'val/kl_loss': scale * e, 'val/recon_loss': scale / e} for e in epochs]
+           for scale, epochs in ((1.0, (1, 2, 3)), (3.0, (1, 2)))]
+  no_epoch = [[{'epoch': 1, 'val/recon_loss': 1.0}]]  # no KL term: left out
+  figures.save_loss_curves(tmp_path / 'losses.png', {'row': folds, 'empty': no_epoch}, 'kl')
+  [fig] = drawn
+  [kl], [recon] = (ax.get_lines() for ax in fig.axes)
+  np.testing.assert_allclose(kl.get_xdata(), [1, 2])
+  np.testing.assert_allclose(kl.get_ydata(), [2.0, 4.0])
+  np.testing.assert_allclose(recon.get_ydata(), [2.0, 1.0])
+
+
 def test_a_grid_is_drawn_pixel_for_pixel_under_its_titles(tmp_path, drawn):
   grid = np.random.default_rng(0).integers(0, 256, (40, 60, 1), np.uint8)  # gray: each value
   figures.save_grid(tmp_path / 'given_pixels.png', grid, 'a test image', ('left', 'middle', 'right'))

@@ -15,14 +15,14 @@ from conftest import run_main
 from conftest import small_config
 from mtvae_jax import checkpoints
 from mtvae_jax import config as config_lib
-from mtvae_jax import crossval
+from mtvae_jax.thesis import crossval
 from mtvae_jax import data
 from mtvae_jax import evaluation
 from mtvae_jax import events
 from mtvae_jax import generate
 from mtvae_jax import loop
 from mtvae_jax import prior
-from mtvae_jax import thesis_report
+from mtvae_jax.thesis import report as thesis_report
 from mtvae_jax import train
 from mtvae_jax import workdir
 from mtvae_jax.errors import UserError

@@ -15,9 +15,9 @@ from conftest import device_env
 from conftest import ROOT
 from configs import thesis as thesis_grid
 import mtvae_jax
-from mtvae_jax import stats
-from mtvae_jax import thesis
-from mtvae_jax import thesis_report
+from mtvae_jax.thesis import report as thesis_report
+from mtvae_jax.thesis import runs as thesis
+from mtvae_jax.thesis import stats
 
 TINY = ('--folds=2', '--rows=gauss1_base,gauss1_multi_exact', '--config.train.num_epochs=1',
         '--config.train.batch_size=64', '--config.gaussian.hidden_sizes=(8,16)',
@@ -228,6 +228,14 @@ def test_a_bad_flag_ends_in_one_line_with_status_2_before_anything_is_written(tm
   assert not (tmp_path / 'grid').exists()
 
 
+def test_more_folds_than_the_data_has_images_are_refused_before_any_run(tmp_path):
+  result = run_grid(tmp_path / 'grid', '--folds=10', '--config.data.max_images=10', '--dry_run')
+  assert result.returncode == 2, result.stdout
+  assert result.stderr.startswith('error: --folds=10 is not allowed: data set digits leaves ')
+  assert len(result.stderr.strip().splitlines()) == 1
+  assert not (tmp_path / 'grid').exists()
+
+
 def test_fewer_than_two_folds_are_refused(tmp_path):
   with pytest.raises(mtvae_jax.UserError, match='--folds=1 is not allowed'):
     thesis.expand({}, 1, tmp_path, 'configs', 'digits')
@@ -238,6 +246,39 @@ def fake_fold(workdir, row, fold, **metrics):
   (workdir / row / f'fold_{fold}' / 'metrics.json').write_text(json.dumps(metrics))
   record = {'epoch': 1, **{f'val/{k}': v for k, v in metrics.items() if k.endswith('_loss')}}
   (workdir / row / f'fold_{fold}' / 'history.jsonl').write_text(json.dumps(record) + '\n')
+
+
+def test_unusable_metrics_fail_their_fold_and_other_folders_are_not_folds(tmp_path):
+  rows = {name: fields for name, fields in thesis_grid.get_config('digits').rows.items()
+          if name in ('gauss1_base', 'gauss1_multi_exact')}
+  for fold in (0, 1, 2):
+    fake_fold(tmp_path, 'gauss1_base', fold, recon_loss=0.02 + fold, kl_loss=12.0)
+    fake_fold(tmp_path, 'gauss1_multi_exact', fold, recon_loss=0.01 + fold, kl_loss=13.0,
+              recon_cond_loss=float('nan') if fold == 1 else 0.005)
+  (tmp_path / 'gauss1_base' / 'fold_2' / 'metrics.json').write_text('[0.02, 12.0]')
+  fake_fold(tmp_path, 'gauss1_base', 'old', recon_loss=5.0, kl_loss=5.0)  # not a fold
+  report = thesis_report.write_report(tmp_path, rows, 3, data_name='digits')
+  base, multi = report['rows']['gauss1_base'], report['rows']['gauss1_multi_exact']
+  assert list(base['folds']) == ['0', '1'] and list(base['failed_folds']) == ['2']
+  assert list(multi['folds']) == ['0', '2'] and list(multi['failed_folds']) == ['1']
+  assert 'nan' in multi['failed_folds']['1'] and 'not a mapping' in base['failed_folds']['2']
+  assert base['mean']['recon_loss'] == pytest.approx(0.52)
+  assert all(r['n'] == 1 and r['folds'] == [0] for r in report['comparisons'] if r['claim'] == 'C1')
+  assert [line.split(' (')[0] for line in report['failed']] == ['gauss1_base fold 2',
+                                                               'gauss1_multi_exact fold 1']
+  assert '**Failed folds**' in (tmp_path / 'report.md').read_text()
+
+
+def test_a_grid_with_unusable_metrics_names_them_in_one_line_with_status_1(tmp_path):
+  for row in ('gauss1_base', 'gauss1_multi_exact'):
+    for fold in (0, 1):
+      fake_fold(tmp_path, row, fold, recon_loss=float('inf') if fold else 0.02, kl_loss=12.0)
+  result = run_grid(tmp_path, *TINY)  # every fold has its metrics.json: nothing is trained
+  assert result.returncode == 1, result.stderr
+  [line] = result.stderr.strip().splitlines()
+  assert line.startswith('error: 2 finished runs have unusable metrics')
+  assert 'gauss1_base fold 1 (metrics.json holds recon_loss=inf)' in line
+  assert '2 of 4 runs done, 0 to run' in result.stdout
 
 
 def test_report_sets_each_row_beside_the_thesis_in_its_units_and_flags_collapse(tmp_path):

@@ -1,5 +1,5 @@
 """Model registry: config.model names a builder of a flax module."""
-from mtvae_jax.models.conditioning import CONDITIONINGS  # noqa: F401  (for config validation)
+from mtvae_jax import families
 from mtvae_jax.models.gaussian import GaussianVAE
 from mtvae_jax.models.vq import VQVAE
 
@@ -21,7 +21,13 @@ def _vq(config, image_shape):
 
 MODELS = {'gaussian': _gaussian, 'vq': _vq}
 # The regularisation term each family adds to the reconstruction losses.
-REGULARIZER = {'gaussian': 'kl', 'vq': 'vq'}
+REGULARIZER = {name: family.regularizer for name, family in families.FAMILIES.items()}
+
+
+def variables(state, params=None):
+  """The flax variables {'params', 'batch_stats'} of a train state, with `params` in place of
+  its own where given (the ones being differentiated)."""
+  return {'params': state.params if params is None else params, 'batch_stats': state.batch_stats}
 
 
 def build_model(config, image_shape):

@@ -16,9 +16,9 @@ from typing import Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from mtvae_jax.families import CONDITIONINGS  # noqa: F401  (the names, for the models' fields)
 from mtvae_jax.models import layers
 
-CONDITIONINGS = ('dense', 'spatial')
 SPATIAL_WIDTH_DIVISOR = 4
 
 

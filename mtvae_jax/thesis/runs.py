@@ -7,7 +7,7 @@ k-fold cross-validation by `python -m experiments.main`, one process per
   <workdir>/<row>/command.json   experiments.main's flags of the row but the fold and workdir
   <workdir>/<row>/fold_<i>/      the run (config.json, history.jsonl, metrics.json, ...)
   <workdir>/<row>/fold_<i>.log   its terminal output
-  <workdir>/report.md, report.json, figures/   the results (mtvae_jax.thesis_report)
+  <workdir>/report.md, report.json, figures/   the results (mtvae_jax.thesis.report)
 
 A run is done when its metrics.json exists; a started run resumes from its
 checkpoints when launched again, so relaunching the pending runs finishes a
@@ -19,6 +19,7 @@ import ctypes
 import fcntl
 import fnmatch
 import json
+import math
 import os
 import pathlib
 import re
@@ -33,11 +34,15 @@ from absl import flags
 from ml_collections import config_flags
 
 from mtvae_jax import config as config_lib
+from mtvae_jax import data as data_lib
+from mtvae_jax import methods
+from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
 
 CONFIG_FILES = {'gaussian': 'gauss', 'vq': 'vq'}
 METHOD_FILES = {'none': 'base', 'multi': 'multi', 'single': 'single'}
 POLL_SECONDS = 0.5
+FOLD_DIR = re.compile(r'fold_(\d+)')  # the folder of fold <i> in a row's; others are not folds
 
 
 class Run(NamedTuple):
@@ -61,7 +66,7 @@ def row_arguments(fields, configs_dir, data):
   config_file = pathlib.Path(configs_dir) / (
       f"{CONFIG_FILES[fields['model']]}_{METHOD_FILES[fields['method']]}.py")
   args = [f"--config={config_file}:{data},{fields['preset']}"]
-  if fields['method'] != 'none':
+  if methods.METHODS[fields['method']].conditioned:
     args += [f"--config.mask.sampling={fields['sampling']}",
              f"--config.mask.count={fields['count']}"]
   if fields.get('exponent'):
@@ -124,10 +129,29 @@ def resolve(args):
   return config
 
 
-def validate(commands):
-  """Checks every row's config {row: flags} before anything is written; UserError in one line."""
+def fold_pool(data_config, seed):
+  """How many images the folds of `data_config` are cut from: its data set's images but the
+  test split. Reads the data set's index (its images are decoded on demand)."""
+  data_config = data_config.copy_and_resolve_references()
+  data_config.num_folds = 0
+  train, validation, _ = data_lib.DATASETS[data_config.name](data_config, seed)
+  return len(train) + len(validation)
+
+
+def validate(commands, num_folds):
+  """Checks every row's config {row: flags}, and that its data has `num_folds` images or more to
+  cut into folds, before anything is written; UserError in one line."""
+  checked = set()
   for args in commands.values():
-    resolve(args)
+    config = resolve(args)
+    data_key = (config.data.to_json(), config.seed)
+    if data_key in checked:
+      continue
+    checked.add(data_key)
+    pool = fold_pool(config.data, config.seed)
+    if num_folds > pool:
+      raise UserError(f'--folds={num_folds} is not allowed: data set {config.data.name} leaves '
+                      f'{pool} images to cut into folds beside its test split: use 2 to {pool}')
 
 
 def record(commands, workdir):
@@ -149,10 +173,25 @@ def record(commands, workdir):
       raise UserError(f"--workdir: '{row_dir}' cannot be written: {e.strerror}") from None
 
 
+def metrics_problem(metrics):
+  """Why the content of a run's metrics.json does not make it finished, '' where it does: it must
+  map each metric's name to a finite number."""
+  if not isinstance(metrics, dict) or not metrics:
+    return f'metrics.json holds {json.dumps(metrics)[:40]}, not a mapping of metrics to numbers'
+  for name, value in metrics.items():
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return f'metrics.json holds {name}={json.dumps(value)[:40]}, not a number'
+    if not math.isfinite(value):
+      return f'metrics.json holds {name}={value}'
+  return ''
+
+
 def status(run):
-  """'done' (metrics.json), 'started' (resumes from its checkpoints) or 'pending'."""
-  if (run.workdir / 'metrics.json').exists():
-    return 'done'
+  """'done' (metrics.json of finite numbers), 'failed' (other metrics.json), 'started' (resumes
+  from its checkpoints) or 'pending'."""
+  path = run.workdir / 'metrics.json'
+  if path.exists():
+    return 'failed' if metrics_problem(workdir_lib.read_json(path)) else 'done'
   return 'started' if (run.workdir / 'config.json').exists() else 'pending'
 
 
@@ -163,7 +202,8 @@ def pending(runs):
   and its other folds read them from there; started beside it, they would
   compile the same programs once more each.
   """
-  return sorted((run for run in runs if status(run) != 'done'), key=lambda run: run.fold)
+  return sorted((run for run in runs if status(run) in ('started', 'pending')),
+                key=lambda run: run.fold)
 
 
 LOCK_WAIT_SECONDS = 120

@@ -20,6 +20,22 @@ def mean_std(values):
   return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
 
 
+def aggregate(folds):
+  """{'mean': {metric: float}, 'std': {...}} (as `mean_std`) of the metrics that every one of
+  `folds`, a sequence of {metric: float}, has; empty for no fold."""
+  names = sorted(set.intersection(*(set(fold) for fold in folds))) if folds else []
+  pairs = {name: mean_std([fold[name] for fold in folds]) for name in names}
+  return {'mean': {name: mean for name, (mean, _) in pairs.items()},
+          'std': {name: std for name, (_, std) in pairs.items()}}
+
+
+def mean_std_text(summary, name):
+  """'mean ± std' of metric `name` of an `aggregate`, or '-' where the folds do not have it."""
+  if name not in summary['mean']:
+    return '-'
+  return f"{summary['mean'][name]:.4g} ± {summary['std'][name]:.1e}"
+
+
 class Comparison(NamedTuple):
   """Paired comparison of b against a over n folds: d = b - a."""
   n: int

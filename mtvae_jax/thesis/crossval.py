@@ -15,29 +15,17 @@ import pathlib
 import numpy as np
 
 from mtvae_jax import config as config_lib
+from mtvae_jax import families
 from mtvae_jax import methods
-from mtvae_jax import models
 from mtvae_jax import train
 from mtvae_jax import workdir as workdir_lib
 from mtvae_jax.errors import UserError
+from mtvae_jax.thesis import stats
 
 SUMMARY = 'crossval.json'
 TABLE = 'crossval.md'
-MODEL_NAMES = {'gaussian': 'Gaussian VAE', 'vq': 'VQ-VAE'}
 COLUMNS = ('Model', 'Config.', 'Method', 'Parameters', 'Size', 'Reconstruction loss',
            'Conditioned reconstruction loss', 'KL or VQ loss', 'Folds')
-
-
-def aggregate(folds):
-  """{'mean': {metric: float}, 'std': {...}} over the metrics every fold has.
-
-  The standard deviation is the sample one (ddof=1), as for error bars over
-  a few folds.
-  """
-  names = sorted(set.intersection(*(set(fold) for fold in folds)))
-  values = {name: np.array([fold[name] for fold in folds], np.float64) for name in names}
-  return {'mean': {name: float(np.mean(v)) for name, v in values.items()},
-          'std': {name: float(np.std(v, ddof=1)) for name, v in values.items()}}
 
 
 def configuration(config):
@@ -66,30 +54,23 @@ def parameters(config):
 
 def describe(config):
   """The table's first columns for `config`."""
-  return {'model': MODEL_NAMES[config.model], 'configuration': configuration(config),
+  return {'model': families.FAMILIES[config.model].title, 'configuration': configuration(config),
           'method': methods.of(config).title, 'parameters': parameters(config),
-          'regularizer': models.REGULARIZER[config.model]}
+          'regularizer': families.FAMILIES[config.model].regularizer}
 
 
 def summarize(config, folds):
   """The content of crossval.json for `config` and the metrics of its folds."""
   return {'config': json.loads(config.to_json_best_effort()), 'description': describe(config),
-          'folds': list(folds), **aggregate(folds)}
-
-
-def mean_std(summary, name):
-  """'mean ± std' of metric `name`, or '-' when the runs do not have it."""
-  if name not in summary['mean']:
-    return '-'
-  return f"{summary['mean'][name]:.4g} ± {summary['std'][name]:.1e}"
+          'folds': list(folds), **stats.aggregate(folds)}
 
 
 def table_row(summary):
   description = summary['description']
+  losses = ('recon_loss', 'recon_cond_loss', f"{description['regularizer']}_loss")
   return (description['model'], description['configuration'], description['method'],
           description['parameters'], f"{summary['mean']['num_params']:,.0f}",
-          mean_std(summary, 'recon_loss'), mean_std(summary, 'recon_cond_loss'),
-          mean_std(summary, f"{description['regularizer']}_loss"), str(len(summary['folds'])))
+          *(stats.mean_std_text(summary, name) for name in losses), str(len(summary['folds'])))
 
 
 def markdown_table(summaries):

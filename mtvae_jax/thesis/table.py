@@ -23,6 +23,7 @@ them presumably the multidecoder with exact sampling: both are left out.
 import math
 
 from mtvae_jax import data as data_lib
+from mtvae_jax import families
 
 # (model, configuration, method, sampling, balancing) -> ((reconstruction, regulariser), ...)
 TABLE_4_3 = {
@@ -61,7 +62,8 @@ TABLE_4_3 = {
     ('gaussian', 2, 'single', 'uniform', 'fixed'): ((15.9913, 11.5080), (15.9794, 11.6502)),
 }
 
-REGULARIZER_METRIC = {'gaussian': 'kl_loss', 'vq': 'vq_loss'}
+# Whether the thesis's reconstruction of a model is summed over an image's D values (else a mean).
+SUMMED_OVER_IMAGE = {'gaussian': True, 'vq': False}
 UNIT = {'gaussian': 'per-image sum of squared errors; KL summed over latent dimensions',
         'vq': 'per-pixel mean squared error; VQ objective'}
 
@@ -83,10 +85,10 @@ def pixels_per_image(data_name):
 def in_thesis_units(fields, means, data_name):
   """(reconstruction, regulariser) of our row's means in the thesis's units, None where missing."""
   recon = means.get('recon_loss')
-  if recon is not None and fields['model'] == 'gaussian':
+  if recon is not None and SUMMED_OVER_IMAGE[fields['model']]:
     pixels = pixels_per_image(data_name)
     recon = recon * pixels if pixels else None
-  return recon, means.get(REGULARIZER_METRIC[fields['model']])
+  return recon, means.get(families.regularizer_metric(fields['model']))
 
 
 def comparison(fields, means, data_name):

@@ -12,17 +12,14 @@ import json
 import pathlib
 from typing import NamedTuple
 
-from matplotlib import ticker
-from matplotlib.figure import Figure
-import numpy as np
-
-from mtvae_jax import crossval
-from mtvae_jax import stats
-from mtvae_jax import thesis_table
+from mtvae_jax import families
+from mtvae_jax import figures
+from mtvae_jax import methods
 from mtvae_jax import workdir as workdir_lib
-from mtvae_jax.models import REGULARIZER
+from mtvae_jax.thesis import runs
+from mtvae_jax.thesis import stats
+from mtvae_jax.thesis import table as thesis_table
 
-METHOD_NAMES = {'none': '-', 'multi': 'Multi decoder', 'single': 'Single decoder'}
 # Test metrics of metrics.json shown in the table when the runs have them: (key, column).
 LOSS_COLUMNS = (('recon_loss', 'Reconstruction loss'),
                 ('recon_cond_loss', 'Conditioned reconstruction loss'))
@@ -41,6 +38,22 @@ CLAIMS = {
 }
 
 
+# The method of the rows that the others are compared with.
+BASELINE = 'none'
+# What a row of (model, method) claims against the baseline of its model and configuration:
+# (claim, metric, expected sign(row - baseline)).
+AGAINST_BASELINE = {
+    ('gaussian', 'multi'): (('C1', 'recon_loss', -1), ('C1', 'kl_loss', +1)),
+    ('vq', 'multi'): (('C3', 'recon_loss', -1), ('C3', 'vq_loss', -1)),
+    ('gaussian', 'single'): (('C4', 'kl_loss', -1), ('C4', 'recon_loss', +1)),
+    ('vq', 'single'): (('C5', 'vq_loss', -1),),
+}
+# What a row claims within itself: (claim, metric a, metric b, expected sign(b - a)), by method.
+WITHIN_ROW = {'multi': (('C2', 'recon_loss', 'recon_cond_loss', -1),)}
+# A single decoder's row at a higher power-law exponent against the same row at a lower one.
+EXPONENT_CLAIM = ('C6', 'recon_loss', -1)
+
+
 class Comparison(NamedTuple):
   """Part of a claim: metric_b of row b against metric_a of row a, expected sign(b - a) == sign."""
   claim: str
@@ -52,10 +65,10 @@ class Comparison(NamedTuple):
 
 
 def _baseline(rows, fields):
-  """The name of the row of method 'none' of the same model and configuration, or None."""
+  """The name of the BASELINE row of the same model and configuration, or None."""
   for name, other in rows.items():
     if (other['model'], other['preset'], other['method']) == (
-        fields['model'], fields['preset'], 'none'):
+        fields['model'], fields['preset'], BASELINE):
       return name
   return None
 
@@ -64,36 +77,39 @@ def comparisons(rows):
   """The comparisons that the rows {name: fields} of a grid allow, claim by claim."""
   found = []
   for name, fields in rows.items():
-    model, method, base = fields['model'], fields['method'], _baseline(rows, fields)
-    reg = f'{REGULARIZER[model]}_loss'
-    if method == 'multi':
-      found.append(Comparison('C2', name, 'recon_loss', name, 'recon_cond_loss', -1))
-    if base is None or method == 'none':
+    found += [Comparison(claim, name, metric_a, name, metric_b, sign)
+              for claim, metric_a, metric_b, sign in WITHIN_ROW.get(fields['method'], ())]
+    base = _baseline(rows, fields)
+    if base is None:
       continue
-    if (model, method) == ('gaussian', 'multi'):
-      found += [Comparison('C1', base, 'recon_loss', name, 'recon_loss', -1),
-                Comparison('C1', base, reg, name, reg, +1)]
-    elif (model, method) == ('vq', 'multi'):
-      found += [Comparison('C3', base, 'recon_loss', name, 'recon_loss', -1),
-                Comparison('C3', base, reg, name, reg, -1)]
-    elif (model, method) == ('gaussian', 'single'):
-      found += [Comparison('C4', base, reg, name, reg, -1),
-                Comparison('C4', base, 'recon_loss', name, 'recon_loss', +1)]
-    else:
-      found.append(Comparison('C5', base, reg, name, reg, -1))
+    found += [Comparison(claim, base, metric, name, metric, sign) for claim, metric, sign
+              in AGAINST_BASELINE.get((fields['model'], fields['method']), ())]
+  claim, metric, sign = EXPONENT_CLAIM
   for name, fields in rows.items():
     for other, other_fields in rows.items():
       same = all(fields[k] == other_fields[k] for k in fields if k != 'exponent')
-      if (same and fields['method'] == 'single'
-          and fields['exponent'] < other_fields['exponent']):
-        found.append(Comparison('C6', name, 'recon_loss', other, 'recon_loss', -1))
+      if same and fields['exponent'] and fields['exponent'] < (other_fields['exponent'] or 0):
+        found.append(Comparison(claim, name, metric, other, metric, sign))
   return sorted(found, key=lambda c: (c.claim, c.b, c.metric_b, c.a))
 
 
 def fold_metrics(row_dir):
-  """{fold index: metrics.json} of the finished folds in `row_dir`."""
-  return {int(path.parent.name.split('_')[1]): workdir_lib.read_json(path)
-          for path in sorted(pathlib.Path(row_dir).glob('fold_*/metrics.json'))}
+  """({fold index: metrics.json} of the finished folds in `row_dir`, {fold index: why} of those
+  whose metrics.json is not a mapping of finite numbers (runs.metrics_problem)).
+
+  A fold is a folder fold_<i>; other folders are not read.
+  """
+  finished, failed = {}, {}
+  for path in sorted(pathlib.Path(row_dir).glob('fold_*/metrics.json')):
+    match = runs.FOLD_DIR.fullmatch(path.parent.name)
+    if match:
+      metrics = workdir_lib.read_json(path)
+      problem = runs.metrics_problem(metrics)
+      if problem:
+        failed[int(match.group(1))] = problem
+      else:
+        finished[int(match.group(1))] = metrics
+  return finished, failed
 
 
 def fold_histories(row_dir, folds):
@@ -105,7 +121,7 @@ def fold_histories(row_dir, folds):
 def parameters_text(fields):
   """The table's 'Parameters' column: SoftAdapt and how the conditioning pixels are drawn."""
   words = []
-  if fields['method'] != 'none':
+  if methods.METHODS[fields['method']].conditioned:
     words = [fields['sampling'],
              'fixed k' if fields['count'] == 'fixed' else f"power law a={fields['exponent']}"]
   if fields['balancing'] == 'softadapt':
@@ -113,19 +129,13 @@ def parameters_text(fields):
   return ', '.join(words) or '-'
 
 
-def summarize_row(fields, folds, custom_network=False):
-  """Mean and std over folds of every metric the row's folds all have."""
-  names = sorted(set.intersection(*(set(m) for m in folds.values()))) if folds else []
-  pairs = {name: stats.mean_std([m[name] for m in folds.values()]) for name in names}
+def summarize_row(fields, folds, failed, custom_network=False):
+  """Mean and std over the finished `folds` {fold: metrics} of every metric they all have;
+  `failed` {fold: why} are named only."""
   return {'fields': dict(fields), 'folds': {str(k): v for k, v in folds.items()},
+          'failed_folds': {str(k): why for k, why in failed.items()},
           'configuration': 'custom' if custom_network else str(fields['preset']),
-          'mean': {k: v[0] for k, v in pairs.items()}, 'std': {k: v[1] for k, v in pairs.items()}}
-
-
-def _cell(summary, name):
-  if name not in summary['mean']:
-    return '-'
-  return f"{summary['mean'][name]:.4g} ± {summary['std'][name]:.1e}"
+          **stats.aggregate(list(folds.values()))}
 
 
 def table(summaries, num_folds):
@@ -140,11 +150,12 @@ def table(summaries, num_folds):
     fields = s['fields']
     size = f"{s['mean']['num_params']:,.0f}" if 'num_params' in s['mean'] else '-'
     label = f'{name} **collapsed**' if s.get('collapsed_folds') else name
-    cells = ([label, crossval.MODEL_NAMES[fields['model']], s['configuration'],
-              METHOD_NAMES[fields['method']], parameters_text(fields), size]
-             + [_cell(s, k) for k, _ in LOSS_COLUMNS]
-             + [_cell(s, f"{REGULARIZER[fields['model']]}_loss")]
-             + [_cell(s, k) for k, _ in diagnostics] + [f"{len(s['folds'])}/{num_folds}"])
+    cells = ([label, families.FAMILIES[fields['model']].title, s['configuration'],
+              methods.METHODS[fields['method']].title, parameters_text(fields), size]
+             + [stats.mean_std_text(s, k) for k, _ in LOSS_COLUMNS]
+             + [stats.mean_std_text(s, families.regularizer_metric(fields['model']))]
+             + [stats.mean_std_text(s, k) for k, _ in diagnostics]
+             + [f"{len(s['folds'])}/{num_folds}"])
     lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines) + '\n'
 
@@ -234,40 +245,6 @@ FIGURES = {('gaussian', 'multi'): '4.2', ('vq', 'multi'): '4.4', ('gaussian', 's
            ('vq', 'single'): '4.6'}
 
 
-def save_curves(path, curves, regularizer):
-  """Validation losses per epoch, mean over folds with a band of ± one std, of each row.
-
-  curves: {label: {'epoch': (E,), metric: (folds, E)}}. Left: the KL or VQ
-  term; right: decoder 1's reconstruction loss.
-  """
-  fig = Figure(figsize=(10, 3.8), layout='constrained')
-  axes = fig.subplots(1, 2)
-  for ax, metric, title in ((axes[0], f'val/{regularizer}_loss', f'{regularizer.upper()} loss'),
-                            (axes[1], 'val/recon_loss', 'reconstruction loss, decoder 1')):
-    for label, curve in curves.items():
-      values = curve[metric]
-      mean, std = values.mean(0), values.std(0, ddof=1) if len(values) > 1 else 0 * values[0]
-      line, = ax.plot(curve['epoch'], mean, label=label, marker='.' if len(mean) <= 30 else None)
-      ax.fill_between(curve['epoch'], mean - std, mean + std, color=line.get_color(), alpha=0.2)
-    ax.set(title=f'validation {title}', xlabel='epoch', yscale='log')
-    ax.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    ax.legend(fontsize=7)
-  fig.savefig(path, dpi=100)
-
-
-def curves_of(row_dir, folds, regularizer):
-  """{'epoch': (E,), metric: (folds, E)} over the epochs every fold has, or None."""
-  histories = fold_histories(row_dir, folds)
-  metrics = ('val/recon_loss', f'val/{regularizer}_loss')
-  epochs = sorted(set.intersection(*({r['epoch'] for r in h if all(m in r for m in metrics)}
-                                     for h in histories.values())))
-  if not epochs:
-    return None
-  by_epoch = [{r['epoch']: r for r in h} for h in histories.values()]
-  return {'epoch': np.array(epochs),
-          **{m: np.array([[h[e][m] for e in epochs] for h in by_epoch]) for m in metrics}}
-
-
 def write_figures(workdir, summaries):
   """One PNG per model, configuration and method against its baseline; returns the paths."""
   workdir = pathlib.Path(workdir)
@@ -277,19 +254,20 @@ def write_figures(workdir, summaries):
                           if s['fields']['model'] == model}):
       names = [n for n, s in summaries.items() if s['folds']
                and (s['fields']['model'], s['fields']['preset']) == (model, preset)
-               and s['fields']['method'] in ('none', method)]
+               and s['fields']['method'] in (BASELINE, method)]
       if not any(summaries[n]['fields']['method'] == method for n in names):
         continue
-      curves = {n: curves_of(workdir / n, [int(f) for f in summaries[n]['folds']],
-                             REGULARIZER[model]) for n in names}
-      curves = {n: c for n, c in curves.items() if c is not None}
-      if not curves:
+      regularizer = families.FAMILIES[model].regularizer
+      histories = {n: list(fold_histories(workdir / n, map(int, summaries[n]['folds'])).values())
+                   for n in names}
+      if all(figures.loss_curves(h, figures.loss_metrics(regularizer)) is None
+             for h in histories.values()):
         continue
       path = workdir / 'figures' / f'{model}{preset}_{method}.png'
       path.parent.mkdir(exist_ok=True)
-      save_curves(path, curves, REGULARIZER[model])
-      written.append((number, f'{crossval.MODEL_NAMES[model]}, configuration {preset}, '
-                      f'{METHOD_NAMES[method].lower()} against the baseline', path))
+      figures.save_loss_curves(path, histories, regularizer)
+      written.append((number, f'{families.FAMILIES[model].title}, configuration {preset}, '
+                      f'{methods.METHODS[method].title.lower()} against the baseline', path))
   return written
 
 
@@ -301,9 +279,11 @@ def write_report(workdir, rows, num_folds, command='', network_overridden=(), da
   data set (for the thesis's units). Returns report.json's content.
   """
   workdir = pathlib.Path(workdir)
-  summaries = {name: summarize_row(fields, fold_metrics(workdir / name),
+  summaries = {name: summarize_row(fields, *fold_metrics(workdir / name),
                                    fields['model'] in network_overridden)
                for name, fields in rows.items()}
+  failed = [f'{name} fold {fold} ({why})' for name, s in summaries.items()
+            for fold, why in s['failed_folds'].items()]
   for name, s in summaries.items():
     s['collapsed_folds'] = collapsed_folds(s)
     s['thesis'] = (None if s['configuration'] == 'custom' or not s['folds']
@@ -313,13 +293,16 @@ def write_report(workdir, rows, num_folds, command='', network_overridden=(), da
   claims, results = judge(
       [c for c in comparisons(rows) if summaries[c.a]['folds'] and summaries[c.b]['folds']],
       summaries)
-  figures = write_figures(workdir, summaries)
-  report = {'command': command, 'num_folds': num_folds, 'rows': summaries, 'claims': claims,
-            'comparisons': results, 'figures': [str(p.relative_to(workdir)) for _, _, p in figures]}
+  drawn = write_figures(workdir, summaries)
+  report = {'command': command, 'num_folds': num_folds, 'rows': summaries, 'failed': failed,
+            'claims': claims, 'comparisons': results,
+            'figures': [str(p.relative_to(workdir)) for _, _, p in drawn]}
   (workdir / 'report.json').write_text(json.dumps(report, indent=2) + '\n')
   text = ['# Thesis reproduction', '', f'`{command}`' if command else '', '',
           f'Test metrics of each row, mean ± sample std over its finished folds (of {num_folds}).',
           '', table(summaries, num_folds),
+          '**Failed folds**, left out of the means and the tests (remove a fold\'s folder to '
+          'train it again): ' + '; '.join(failed) + '\n' if failed else '',
           '**Collapsed** (no active unit, or at most one code used): ' + '; '.join(collapsed)
           if collapsed else 'No row collapsed (each fold keeps an active unit or two codes).',
           '', "## Beside the thesis's table 4.3", '', thesis_markdown(summaries, data_name),
@@ -327,10 +310,10 @@ def write_report(workdir, rows, num_folds, command='', network_overridden=(), da
           'Each comparison pairs the two rows fold by fold on the folds both finished (b - a), '
           f'with a paired t-test at the {stats.ALPHA:g} level; a claim holds when all of its '
           'comparisons hold and is contradicted when any is.', '', claims_markdown(claims, results)]
-  if figures:
+  if drawn:
     text += ['## Validation loss curves', '',
              'Each line is the mean over folds, its band ± one standard deviation.', '']
     text += [f'Thesis figure {number}: {title}.\n\n![{title}]({path.relative_to(workdir)})\n'
-             for number, title, path in figures]
+             for number, title, path in drawn]
   (workdir / 'report.md').write_text('\n'.join(text))
   return report

@@ -309,3 +309,18 @@ def test_report_sets_each_row_beside_the_thesis_in_its_units_and_flags_collapse(
   assert "| vq2_base | no counterpart in the thesis's table |" in markdown
   assert '| gauss1_multi_exact_softadapt **collapsed** |' in markdown
   assert 'gauss1_multi_exact_softadapt (folds 0); vq2_base (folds 0, 1)' in markdown
+
+
+@pytest.mark.parametrize('data', ['mnist', 'fashion_mnist'])
+def test_cpu_preset_trains_configuration_1_of_both_models_on_3_folds(tmp_path, data):
+  grid = thesis_grid.get_config(f'{data}_cpu')
+  rows = grid.rows.to_dict()
+  assert len(rows) == 18 and {f['preset'] for f in rows.values()} == {1}
+  assert grid.folds == 3
+  presets = {name: [*grid.overrides, *grid.model_overrides.get(f['model'], ())]
+             for name, f in rows.items()}
+  commands, runs = thesis.expand(rows, grid.folds, tmp_path, 'configs', grid.data, (), presets)
+  assert len(runs) == 54
+  epochs = {name: thesis.resolve(args).train.num_epochs for name, args in commands.items()
+            if name in ('gauss1_base', 'vq1_base')}
+  assert epochs == {'gauss1_base': 6, 'vq1_base': 3}  # the VQ step costs about twice as much

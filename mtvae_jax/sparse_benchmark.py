@@ -36,6 +36,7 @@ figure.
 """
 import functools
 import json
+import math
 import pathlib
 import time
 
@@ -180,12 +181,23 @@ def benchmark_masks(key, sampling, count, num_images, shape):
 
 def check_fractions(fractions, num_pixels):
   """Sorted distinct observed fractions; each must leave 1 to num_pixels - 1 pixels observed."""
-  counts = [round(f * num_pixels) for f in fractions]
-  bad = [f for f, c in zip(fractions, counts) if not 1 <= c < num_pixels]
+  bad = [f for f in fractions if not (math.isfinite(f) and 1 <= round(f * num_pixels) < num_pixels)]
   if bad or not fractions:
     raise UserError(f'observed fractions {bad or "(none)"} are not allowed: give fractions that '
                     f'observe from 1 to {num_pixels - 1} of the {num_pixels} pixels')
   return sorted(set(fractions))
+
+
+def check_arguments(run, fractions, num_images, num_samples):
+  """check_fractions's fractions for the test images of `run` (train.Run); UserError unless
+  num_images of them fit, with num_samples samples each (completion.check_num_samples)."""
+  test = run.splits.test
+  fractions = check_fractions(list(fractions), math.prod(test.shape[1:3]))
+  if not 1 <= num_images <= len(test):
+    raise UserError(f'num_images={num_images} is not allowed: use 1 to {len(test)}, the test '
+                    'images')
+  completion.check_num_samples(num_samples, num_images, test.shape[1:])
+  return fractions
 
 
 def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, num_samples=32,
@@ -194,11 +206,7 @@ def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, 
   """The sparse_benchmark.json dict for the run of `helper` (a completion.Completer)."""
   run = helper.run
   test, train_images = run.splits.test, np.asarray(run.splits.train)
-  height, width, _ = test.shape[1:]
-  fractions = check_fractions(list(fractions), height * width)
-  if not 1 <= num_images <= len(test):
-    raise UserError(f'num_images={num_images} is not allowed: use 1 to {len(test)}, the test '
-                    'images')
+  fractions = check_arguments(run, fractions, num_images, num_samples)
   truth = np.asarray(test[:num_images])
   methods = {
       'posterior': lambda x, mask, key: _completion(helper, x, mask, num_samples, 'posterior',

@@ -6,6 +6,8 @@ experiments.complete and experiments.sparse_benchmark run as a user runs them.
 """
 import json
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -320,7 +322,7 @@ def bad_input(tmp_path, case):
     ('range', r"observed value 2.0 is outside the run's range: use values in \[0.0, 1.0\]"),
     ('empty', 'mask of image 0 observes no pixel'),
     ('mask_size', '--mask of 5x8 pixels does not fit the 8x8 image: use a mask of the same size'),
-    ('unreadable', "--input '.*in.npz' cannot be read as an .npz"),
+    ('unreadable', "--input '.*in.npz' is not an .npz \\(a zip archive of arrays\\)"),
     ('unreadable_image', "--input '.*in.png' cannot be read as an image"),
     ('arrays', r"lacks the array\(s\) mask: save values and mask"),
 ])
@@ -330,6 +332,36 @@ def test_complete_command_refuses_bad_inputs(gaussian_run, tmp_path, case, messa
   with pytest.raises(UserError, match=message):
     completion_io.complete_files(workdir, str(source), mask_file and str(mask_file),
                                  tmp_path / 'out.npz', 4)
+
+
+def test_completing_images_in_chunks_reports_the_progress_after_each(gaussian_run):
+  _, helper = gaussian_run
+  _, mask, x = observed_images(helper, 20, 0.5)
+  lines = []
+  out = completion.complete_arrays(helper, x, mask, 4, 'prior', progress=lines.append)
+  assert out['samples'].shape[:2] == (20, 4)
+  size = completion.chunk_size(20, 4, completion.Settings(), 'gaussian')
+  assert size < 20 and len(lines) == -(-20 // size) - 1
+  assert re.fullmatch(rf'completed {size}/20 images, about \d+ s left', lines[0])
+
+
+def test_a_new_prior_makes_the_completion_cache_anew(vq_run, tmp_path):
+  workdir, helper = vq_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  codes = (copy / completion.CACHE_DIR / 'prior_codes.json').read_text()
+  assert completion.completer(copy).noise == helper.noise   # the same checkpoints: cached
+  assert (copy / completion.CACHE_DIR / 'prior_codes.json').read_text() == codes
+  shutil.rmtree(copy / prior.PRIOR_DIR)
+  config = prior.default_config()
+  config.pixelcnn.update(features=16, num_layers=2)
+  config.train.update(num_epochs=1, batch_size=64)
+  config.seed = 1
+  prior.train_prior(config, copy)
+  again = completion.completer(copy)
+  cache = json.loads((copy / completion.CACHE_DIR / 'prior_codes.json').read_text())
+  assert cache['made_from'] == again.noise['made_from'] != helper.noise['made_from']
+  assert cache['codes'] != json.loads(codes)['codes']
 
 
 def test_complete_cli_reports_a_bad_input_in_one_line(gaussian_run, tmp_path):

@@ -34,20 +34,18 @@ def _image(path, what):
   its bit depth."""
   try:
     with Image.open(path) as image:
-      if image.mode in GREY_MODES:
-        top = GREY_MODES[image.mode]
-        array = np.asarray(image.convert('L') if image.mode in ('1', 'LA') else image, np.float64)
-        if array.min() < 0 or array.max() > top:
-          raise UserError(f"{what} '{path}' holds pixel values outside 0 to {top}: save it as an "
-                          '8- or 16-bit image')
-        array = array[..., None] / top
+      top = GREY_MODES.get(image.mode)
+      if top is None:
+        array, top = np.asarray(image.convert('RGB'), np.float64), 255
       else:
-        array = np.asarray(image.convert('RGB'), np.float64) / 255.0
+        grey = image.convert('L') if image.mode in ('1', 'LA') else image
+        array = np.asarray(grey, np.float64)[..., None]
   except (OSError, ValueError, SyntaxError) as e:
-    if isinstance(e, UserError):
-      raise
     raise UserError(f"{what} '{path}' cannot be read as an image: {e}") from None
-  return array.astype(np.float32)
+  if array.min() < 0 or array.max() > top:
+    raise UserError(f"{what} '{path}' holds pixel values outside 0 to {top}: save it as an 8- or "
+                    '16-bit image')
+  return (array / top).astype(np.float32)
 
 
 def fit_channels(values, channels):

@@ -390,13 +390,18 @@ def _conditioning(run, x, mask):
   return masks.conditioning(x[None], mask[None])
 
 
-def nearest(x, mask, images, k):
-  """The k of images (N, H, W, C) closest to x (H, W, C) on the pixels where mask (H, W, 1) is 1."""
-  k = min(k, len(images))
+def nearest_rows(x, mask, images, k):
+  """Indices (k,) of the images (N, H, W, C) closest to x (H, W, C) on the pixels where mask
+  (H, W, 1) is 1, closest first (all N where k > N): the one masked nearest-neighbour search."""
   weights = jnp.broadcast_to(mask, x.shape).reshape(-1)
   flat = images.reshape(len(images), -1)
-  distances = jnp.square(flat) @ weights - 2.0 * flat @ (weights * x.reshape(-1))
-  return images[jax.lax.top_k(-distances, k)[1]]
+  distances = jnp.square(flat) @ weights - 2.0 * flat @ (weights * x.reshape(-1))  # less |x|^2
+  return jax.lax.top_k(-distances, min(k, len(images)))[1]
+
+
+def nearest(x, mask, images, k):
+  """The k of images (N, H, W, C) closest to x (H, W, C) on the pixels where mask (H, W, 1) is 1."""
+  return images[nearest_rows(x, mask, images, k)]
 
 
 def _decoder(family, variables, m):

@@ -154,19 +154,15 @@ def interpolation(x, mask):
 
 
 @functools.partial(jax.jit, static_argnames='k')
-def _nearest(train_flat, x_flat, mask_flat, k):
-  """Indices (N, k) of the training rows closest to each x on its observed values."""
-  distances = (jnp.sum(mask_flat * x_flat ** 2, axis=1, keepdims=True)
-               - 2.0 * (mask_flat * x_flat) @ train_flat.T + mask_flat @ (train_flat ** 2).T)
-  return jax.lax.top_k(-distances, k)[1]
+def _nearest_rows(train_images, x, mask, k):
+  """Indices (N, k) of the training images closest to each of x (N, H, W, C) on its observed
+  pixels, mask (N, H, W, 1): completion.nearest_rows per image."""
+  return jax.vmap(lambda x, mask: completion.nearest_rows(x, mask, train_images, k))(x, mask)
 
 
 def nearest_neighbours(train_images, x, mask, k):
   """The mean of the k training images closest on the observed pixels; samples: those images."""
-  num = len(x)
-  full_mask = np.broadcast_to(mask, x.shape).reshape(num, -1)
-  rows = np.asarray(_nearest(train_images.reshape(len(train_images), -1), x.reshape(num, -1),
-                             full_mask, k))
+  rows = np.asarray(_nearest_rows(train_images, x, mask, k))
   samples = train_images[rows]
   return samples.mean(axis=1), samples
 

@@ -78,6 +78,7 @@ import numpy as np
 
 from mtvae_jax import loop
 from mtvae_jax import masks
+from mtvae_jax import methods
 from mtvae_jax import prior
 from mtvae_jax import train
 from mtvae_jax import workdir as workdir_lib
@@ -350,6 +351,26 @@ def prior_pool(workdir, run, prior_model, prior_params, sources, size=POOL_SIZE,
   return np.asarray(value['codes'], np.int32)
 
 
+def _load_vq(workdir, run, sources):
+  """The vq_family of the run in `workdir`, with its trained prior and its pool."""
+  prior_model, prior_state = prior.load_prior(workdir, run)
+  pool = prior_pool(workdir, run, prior_model, prior_state.params, sources)
+  return vq_family(run, prior_model, prior_state.params, jnp.asarray(pool))
+
+
+class Model(NamedTuple):
+  """What the completion of a config.model needs: family(workdir, run, made_from) -> its Family;
+  prior_dir, the folder in the run of a trained prior its Family draws from (None: none); pool,
+  the prior draws among every image's proposals."""
+  family: Callable
+  prior_dir: Any
+  pool: int
+
+
+MODELS = {'gaussian': Model(lambda workdir, run, sources: gaussian_family(run), None, 0),
+          'vq': Model(_load_vq, prior.PRIOR_DIR, POOL_SIZE)}
+
+
 def digest(value):
   """SHA-256 (hex) of the JSON object `value`, its keys sorted: a cache file's own sum."""
   return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
@@ -384,8 +405,8 @@ def cached(path, compute, valid, sources):
 # Both families.
 
 def _conditioning(run, x, mask):
-  """m (1, H, W, 1 + C) of one image, or None for method none (decoder 1 without m)."""
-  if run.config.method == 'none':
+  """m (1, H, W, 1 + C) of one image, or None for a method without p(x|z, m) (decoder 1 alone)."""
+  if not methods.of(run.config).conditioned:
     return None
   return masks.conditioning(x[None], mask[None])
 
@@ -590,8 +611,8 @@ def completion_fn(completer, method, num_samples, settings):
   """jit of (keys (B,), x (B, H, W, C), mask (B, H, W, 1)) -> samples (B, S, H, W, C), mean, std;
   made once per completer and arguments."""
   run, family = completer.run, completer.family
-  if run.config.model == 'vq':  # the whole pool is the proposals
-    settings = settings._replace(num_proposals=len(family.data['pool']))
+  if MODELS[run.config.model].pool:  # the whole pool is the proposals
+    settings = settings._replace(num_proposals=MODELS[run.config.model].pool)
   key = (method, num_samples, settings)
   if key not in completer.functions:
     per_image = functools.partial(complete_image, run=run, family=family, noise=completer.noise,
@@ -608,11 +629,11 @@ def residual_sums(state, images, weights, key, *, config):
   """Squared residuals and pixel counts of the completing decoder f given the encoder's z, on the
   observed and the hidden pixels.
 
-  Masks come from the run's training distribution (config.mask); method none
-  has no mask (f is g), all its pixels count as observed.
+  Masks come from the run's training distribution (config.mask); a method
+  without p(x|z, m) has no mask (f is g), all its pixels count as observed.
   """
   mask_key, z_key = jax.random.split(key)
-  if config.method == 'none':
+  if not methods.of(config).conditioned:
     mask = jnp.ones((*images.shape[:3], 1))
     conds = {'out': None}   # f is g
   else:
@@ -685,13 +706,13 @@ def calibrate_weighting(run, family, search, settings=Settings()):
 def estimate_noise(run, family, search):
   """{'observed': s_obs, 'hidden': s_hid, 'weighting': calibrate_weighting's choices,
   'candidates': CANDIDATES, what it chose from}: s_obs and s_hid are RMS residuals on up to
-  NOISE_IMAGES validation images (method none: one decoder error for all pixels)."""
+  NOISE_IMAGES validation images (without p(x|z, m): one decoder error for all pixels)."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
                        images, run.config.train.batch_size, jax.random.fold_in(run.eval_key, 1))
   observed = float(np.sqrt(sums['observed'] / sums['observed_pixels']))
-  hidden = (observed if run.config.method == 'none'
-            else float(np.sqrt(sums['hidden'] / sums['hidden_pixels'])))
+  hidden = (float(np.sqrt(sums['hidden'] / sums['hidden_pixels']))
+            if methods.of(run.config).conditioned else observed)
   return {'observed': observed, 'hidden': hidden,
           'weighting': calibrate_weighting(run, family, search),
           'candidates': CANDIDATES}
@@ -730,8 +751,9 @@ def made_from(workdir, run):
   """What the completion/ cache of the run in `workdir` is computed from: the run's and the
   prior's checkpoints (fingerprint) and the settings of the calibration and the pool, as JSON."""
   workdir = pathlib.Path(workdir)
+  prior_dir = MODELS[run.config.model].prior_dir
   return {'run': fingerprint(workdir),
-          'prior': fingerprint(workdir / prior.PRIOR_DIR) if run.config.model == 'vq' else None,
+          'prior': prior_dir and fingerprint(workdir / prior_dir),
           'settings': {'noise_images': NOISE_IMAGES, 'calibration_images': CALIBRATION_IMAGES,
                        'calibration_fractions': list(CALIBRATION_FRACTIONS),
                        'candidates': CANDIDATES, 'pool_size': POOL_SIZE,
@@ -750,14 +772,8 @@ def completer(workdir, run=None):
   """A Completer of the finished run in `workdir` (a VQ run needs its trained prior); its
   completion/ cache is computed again when damaged, or made from other checkpoints or settings."""
   run = run or load_run(workdir)
-  if run.config.model == 'vq':
-    prior_model, prior_state = prior.load_prior(workdir, run)
   sources = made_from(workdir, run)
-  if run.config.model == 'vq':
-    pool = prior_pool(workdir, run, prior_model, prior_state.params, sources)
-    family = vq_family(run, prior_model, prior_state.params, jnp.asarray(pool))
-  else:
-    family = gaussian_family(run)
+  family = MODELS[run.config.model].family(workdir, run, sources)
   search = jnp.asarray(
       run.splits.train[:max(1, SEARCH_VALUES // math.prod(run.splits.train.shape[1:]))])
   return Completer(run, family, noise_scales(workdir, run, family, search, sources), search, {})
@@ -804,10 +820,7 @@ def check_inputs(values, mask, image_shape):
 
 def chunk_size(num_images, num_samples, settings, model):
   """Images per jitted call: all, or as many as keep about 4096 latents decoded at once."""
-  if model == 'vq':
-    proposals = POOL_SIZE + settings.neighbours
-  else:
-    proposals = settings.neighbours or settings.num_proposals
+  proposals = MODELS[model].pool + (settings.neighbours or settings.num_proposals)
   return min(num_images, max(1, 4096 // max(num_samples, proposals)))
 
 

@@ -1,6 +1,6 @@
 """Command line: python -m experiments.complete --workdir=<run> --input=FILE --output=OUT.npz.
 
-Completes images from their observed pixels (mtvae_jax.completion_io): --input
+Completes images from their observed pixels (mtvae_jax.completion.io): --input
 is an .npz with arrays `values` and `mask`, or an image file with --mask=PNG
 (its nonzero pixels are the observed ones). Writes OUT.npz (`mean`, `std`,
 `samples`, `mask`) and OUT.png (per image: observed | mean | std | samples),
@@ -16,7 +16,7 @@ from absl import flags
 
 from experiments import cli
 from mtvae_jax import completion
-from mtvae_jax import completion_io
+from mtvae_jax.completion import io as completion_io
 
 _INPUT = flags.DEFINE_string('input', None, '.npz with values and mask, or an image with --mask.')
 _MASK = flags.DEFINE_string('mask', None, 'PNG of the observed pixels (nonzero), for an image input.')

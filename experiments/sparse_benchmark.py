@@ -2,7 +2,7 @@
 
 Scores the run's posterior and prior completions and three baselines on the
 hidden pixels of the first --num_images test images, for each observed
-fraction and mask sampling (mtvae_jax.sparse_benchmark), and writes
+fraction and mask sampling (mtvae_jax.completion.benchmark), and writes
 <workdir>/sparse_benchmark.json and <workdir>/figures/sparse_benchmark.png.
 A VQ run needs its prior first (experiments.prior). Mistakes end the program
 with one line and exit status 2 (experiments/cli.py).
@@ -14,7 +14,7 @@ from absl import flags
 
 from experiments import cli
 from mtvae_jax import completion
-from mtvae_jax import sparse_benchmark
+from mtvae_jax.completion import benchmark as sparse_benchmark
 from mtvae_jax.errors import UserError
 
 _FRACTIONS = flags.DEFINE_list(

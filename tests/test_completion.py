@@ -20,10 +20,10 @@ from PIL import Image
 from conftest import device_env, small_config
 import mtvae_jax
 from mtvae_jax import completion
-from mtvae_jax import completion_io
 from mtvae_jax import masks
 from mtvae_jax import prior
-from mtvae_jax import sparse_benchmark
+from mtvae_jax.completion import benchmark as sparse_benchmark
+from mtvae_jax.completion import io as completion_io
 from mtvae_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -20,7 +20,6 @@ from conftest import run_main
 from conftest import small_config
 from mtvae_jax import checkpoints
 from mtvae_jax import completion
-from mtvae_jax import completion_io
 from mtvae_jax import config as config_lib
 from mtvae_jax import crossval
 from mtvae_jax import data
@@ -32,6 +31,7 @@ from mtvae_jax import prior
 from mtvae_jax import thesis_report
 from mtvae_jax import train
 from mtvae_jax import workdir
+from mtvae_jax.completion import io as completion_io
 from mtvae_jax.errors import UserError
 
 

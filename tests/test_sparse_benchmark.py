@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mtvae_jax import sparse_benchmark as bench
+from mtvae_jax.completion import benchmark as bench
 from mtvae_jax.errors import UserError
 
 

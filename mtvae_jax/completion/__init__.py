@@ -61,6 +61,9 @@ sqrt(var of f(z, m) + a over the samples + s^2).
 
 Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
+
+The package's other modules: io (the files of experiments.complete) and
+benchmark (experiments.sparse_benchmark).
 """
 import functools
 import hashlib
@@ -141,7 +144,8 @@ class Completer(NamedTuple):
   run: train.Run
   family: Family
   noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'weighting': [[source, ess, ridge]]
-                   # per CALIBRATION_FRACTIONS entry, 'candidates': CANDIDATES}
+                   # per CALIBRATION_FRACTIONS entry, 'candidates': CANDIDATES, 'made_from':
+                   # made_from's record}
   search: Any      # (N, H, W, C) training images searched for the nearest ones
   functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
 

@@ -151,7 +151,8 @@ def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   for source, ess, ridge in noise['weighting']:
     assert source in completion.SOURCES and ess in completion.ESS_TARGETS
     assert ridge in completion.RIDGES
-  assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == noise
+  assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == dict(
+      noise, sha256=completion.digest(noise))   # with its own sum
 
 
 def test_effective_size_counts_equal_weights_and_one_weight():

@@ -202,6 +202,7 @@ def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, 
   """The sparse_benchmark.json dict for the run of `helper` (a completion.Completer)."""
   run = helper.run
   test, train_images = run.splits.test, np.asarray(run.splits.train)
+  height, width, _ = test.shape[1:]
   fractions = check_arguments(run, fractions, num_images, num_samples)
   truth = np.asarray(test[:num_images])
   methods = {

@@ -2,7 +2,7 @@
 
 Scores the run's posterior and prior completions and three baselines on the
 hidden pixels of the first --num_images test images, for each observed
-fraction and mask sampling (mtvae_jax.sparse_benchmark), and writes
+fraction and mask sampling (mtvae_jax.completion.benchmark), and writes
 <workdir>/sparse_benchmark.json and <workdir>/figures/sparse_benchmark.png.
 A VQ run needs its prior first (experiments.prior). Mistakes end the program
 with one line and exit status 2 (experiments/cli.py).
@@ -14,7 +14,7 @@ from absl import flags
 
 from experiments import cli
 from mtvae_jax import completion
-from mtvae_jax import sparse_benchmark
+from mtvae_jax.completion import benchmark as sparse_benchmark
 from mtvae_jax.errors import UserError
 
 _FRACTIONS = flags.DEFINE_list(
@@ -40,31 +40,41 @@ _NUM_PROPOSALS = flags.DEFINE_integer(
 _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the masks and samples.')
 
 
-def _numbers(flag, kind):
+def _numbers(flag, kind, allowed, what):
+  """The values of the list flag `flag` as `kind`, each one `allowed` (a predicate): `what`."""
   try:
-    return [kind(value) for value in flag.value]
+    values = [kind(value) for value in flag.value]
   except ValueError:
+    values = None
+  if not values or not all(map(allowed, values)):
     raise UserError(f'--{flag.name}={",".join(flag.value)} is not allowed: give a comma-separated '
-                    f'list of {kind.__name__} values') from None
+                    f'list of {what}')
+  return values
 
 
 def run_benchmark(workdir):
-  """Benchmarks the run in `workdir` with the flags' settings and writes its outputs."""
+  """Benchmarks the run in `workdir` with the flags' settings and writes its outputs. The flags
+  are checked before the run is loaded, those that depend on its images before it is
+  calibrated."""
   for flag, low in ((_NUM_SAMPLES, 2), (_NEIGHBOURS, 1), (_NUM_STEPS, 0), (_NUM_PROPOSALS, 1),
-                    (_POSTERIOR_NEIGHBOURS, 0)):
+                    (_POSTERIOR_NEIGHBOURS, 0), (_NUM_IMAGES, 1)):
     if flag.value < low:
       raise UserError(f'--{flag.name}={flag.value} is not allowed: use an integer >= {low}')
-  start = time.perf_counter()
-  helper = completion.completer(workdir)
-  height, width, _ = helper.run.splits.test.shape[1:]
   if _COUNTS.value is not None:
-    counts = _numbers(_COUNTS, int)
+    counts = _numbers(_COUNTS, int, lambda count: True, 'pixel counts')
+  else:
+    fractions = _numbers(_FRACTIONS, float, lambda fraction: 0 < fraction < 1,
+                         'fractions of the pixels, each between 0 and 1')
+  start = time.perf_counter()
+  run = completion.load_run(workdir)
+  height, width, _ = run.splits.test.shape[1:]
+  if _COUNTS.value is not None:
     if not all(1 <= count < height * width for count in counts):
       raise UserError(f'--counts={",".join(_COUNTS.value)} is not allowed: give pixel counts from '
                       f'1 to {height * width - 1} ({height}x{width} images)')
     fractions = [count / (height * width) for count in counts]
-  else:
-    fractions = _numbers(_FRACTIONS, float)
+  sparse_benchmark.check_arguments(run, fractions, _NUM_IMAGES.value, _NUM_SAMPLES.value)
+  helper = completion.completer(workdir, run)
   settings = completion.Settings(num_proposals=_NUM_PROPOSALS.value, num_steps=_NUM_STEPS.value,
                                  neighbours=_POSTERIOR_NEIGHBOURS.value)
   result = sparse_benchmark.benchmark(

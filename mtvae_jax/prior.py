@@ -86,8 +86,36 @@ def create_prior_state(config, model, grid, key):
   return jax.jit(init, out_shardings=parallel.replicated())(key)
 
 
+def check_checkpoint(workdir, what, hint, again):
+  """UserError, creating nothing, unless `workdir` holds metrics.json (else `hint`) and a best
+  checkpoint (else `again`)."""
+  workdir_lib.check_finished(workdir, what, hint)
+  best = pathlib.Path(workdir) / 'checkpoints' / 'best'
+  if not (best.is_dir() and any(path.name.isdigit() for path in best.iterdir())):
+    raise UserError(f"workdir '{workdir}' holds the metrics.json of a {what} but no checkpoint "
+                    f"(checkpoints/best/ is missing or empty): {again}")
+
+
+def check_run(workdir):
+  """UserError, before anything is loaded or created, unless `workdir` holds a finished run of
+  experiments.main with its best checkpoint; names a prior's folder given in its place."""
+  workdir = pathlib.Path(workdir)
+  if (workdir / workdir_lib.CONFIG).is_file():
+    stored = workdir_lib.read_json(workdir / workdir_lib.CONFIG)
+    if not isinstance(stored, dict) or 'model' not in stored:
+      prior_like = isinstance(stored, dict) and 'pixelcnn' in stored
+      raise UserError(
+          f"workdir '{workdir}' is the folder of a PixelCNN prior: give its VQ-VAE run's folder, "
+          f"--workdir={workdir.parent}" if prior_like else
+          f"'{workdir / workdir_lib.CONFIG}' holds no model: give the folder of a run of "
+          'experiments.main')
+  check_checkpoint(workdir, 'finished run', 'train it first with experiments.main',
+                   'train the run again into another --workdir')
+
+
 def vq_run_config(workdir):
   """The config of the finished VQ-VAE run of `workdir`; any other model is a UserError."""
+  check_run(workdir)
   config = workdir_lib.load_config(workdir)
   if config.model != 'vq':
     raise UserError(f"workdir '{workdir}' holds a run of model={config.model}: the prior is "
@@ -213,8 +241,9 @@ def _train_prior(config, run, prior_dir):
 def load_prior(workdir, run):
   """(model, state) of the trained prior in <workdir>/prior/, restored from its best checkpoint."""
   prior_dir = pathlib.Path(workdir).absolute() / PRIOR_DIR
-  workdir_lib.check_finished(prior_dir, 'trained prior',
-                             f'run python -m experiments.prior --workdir={workdir} first')
+  check_checkpoint(prior_dir, 'trained prior',
+                   f'run python -m experiments.prior --workdir={workdir} first',
+                   f'remove {prior_dir} and run python -m experiments.prior --workdir={workdir}')
   config = default_config()
   config.update(workdir_lib.read_json(prior_dir / workdir_lib.CONFIG))
   model = build_prior(config, run.config.vq.num_embeddings)

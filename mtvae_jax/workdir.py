@@ -44,14 +44,27 @@ def read_json(path):
                     'remove the run and train it again') from None
 
 
+def umask():
+  """The process's umask, read without changing it where Linux shows it (/proc/self/status), else
+  by setting and restoring it."""
+  with contextlib.suppress(OSError, StopIteration, ValueError):
+    with open('/proc/self/status') as status:
+      return int(next(line for line in status if line.startswith('Umask:')).split()[1], 8)
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def write_text(path, text):
   """Writes `text` to `path` atomically: a reader (or a run killed meanwhile) sees the old content
-  or the new, never a part."""
+  or the new, never a part. The file gets the mode a plain open() would give it (0666 less the
+  umask), not the temporary file's 0600."""
   path = pathlib.Path(path)
   with tempfile.NamedTemporaryFile('w', dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp',
                                    delete=False) as f:
     f.write(text)
     f.flush()
+    os.fchmod(f.fileno(), 0o666 & ~umask())
     os.fsync(f.fileno())
   os.replace(f.name, path)
 

@@ -6,6 +6,8 @@ experiments.complete and experiments.sparse_benchmark run as a user runs them.
 """
 import json
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -18,10 +20,10 @@ from PIL import Image
 from conftest import device_env, small_config
 import mtvae_jax
 from mtvae_jax import completion
-from mtvae_jax import completion_io
 from mtvae_jax import masks
 from mtvae_jax import prior
-from mtvae_jax import sparse_benchmark
+from mtvae_jax.completion import benchmark as sparse_benchmark
+from mtvae_jax.completion import io as completion_io
 from mtvae_jax.errors import UserError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -149,7 +151,8 @@ def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   for source, ess, ridge in noise['weighting']:
     assert source in completion.SOURCES and ess in completion.ESS_TARGETS
     assert ridge in completion.RIDGES
-  assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == noise
+  assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == dict(
+      noise, sha256=completion.digest(noise))   # with its own sum
 
 
 def test_effective_size_counts_equal_weights_and_one_weight():
@@ -320,7 +323,7 @@ def bad_input(tmp_path, case):
     ('range', r"observed value 2.0 is outside the run's range: use values in \[0.0, 1.0\]"),
     ('empty', 'mask of image 0 observes no pixel'),
     ('mask_size', '--mask of 5x8 pixels does not fit the 8x8 image: use a mask of the same size'),
-    ('unreadable', "--input '.*in.npz' cannot be read as an .npz"),
+    ('unreadable', "--input '.*in.npz' is not an .npz \\(a zip archive of arrays\\)"),
     ('unreadable_image', "--input '.*in.png' cannot be read as an image"),
     ('arrays', r"lacks the array\(s\) mask: save values and mask"),
 ])
@@ -330,6 +333,36 @@ def test_complete_command_refuses_bad_inputs(gaussian_run, tmp_path, case, messa
   with pytest.raises(UserError, match=message):
     completion_io.complete_files(workdir, str(source), mask_file and str(mask_file),
                                  tmp_path / 'out.npz', 4)
+
+
+def test_completing_images_in_chunks_reports_the_progress_after_each(gaussian_run):
+  _, helper = gaussian_run
+  _, mask, x = observed_images(helper, 20, 0.5)
+  lines = []
+  out = completion.complete_arrays(helper, x, mask, 4, 'prior', progress=lines.append)
+  assert out['samples'].shape[:2] == (20, 4)
+  size = completion.chunk_size(20, 4, completion.Settings(), 'gaussian')
+  assert size < 20 and len(lines) == -(-20 // size) - 1
+  assert re.fullmatch(rf'completed {size}/20 images, about \d+ s left', lines[0])
+
+
+def test_a_new_prior_makes_the_completion_cache_anew(vq_run, tmp_path):
+  workdir, helper = vq_run
+  copy = tmp_path / 'run'
+  shutil.copytree(workdir, copy)
+  codes = (copy / completion.CACHE_DIR / 'prior_codes.json').read_text()
+  assert completion.completer(copy).noise == helper.noise   # the same checkpoints: cached
+  assert (copy / completion.CACHE_DIR / 'prior_codes.json').read_text() == codes
+  shutil.rmtree(copy / prior.PRIOR_DIR)
+  config = prior.default_config()
+  config.pixelcnn.update(features=16, num_layers=2)
+  config.train.update(num_epochs=1, batch_size=64)
+  config.seed = 1
+  prior.train_prior(config, copy)
+  again = completion.completer(copy)
+  cache = json.loads((copy / completion.CACHE_DIR / 'prior_codes.json').read_text())
+  assert cache['made_from'] == again.noise['made_from'] != helper.noise['made_from']
+  assert cache['codes'] != json.loads(codes)['codes']
 
 
 def test_complete_cli_reports_a_bad_input_in_one_line(gaussian_run, tmp_path):

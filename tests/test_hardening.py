@@ -5,15 +5,21 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 import time
 import types
 
 import numpy as np
+from PIL import Image
 import pytest
 
+from conftest import ROOT
+from conftest import device_env
 from conftest import run_main
 from conftest import small_config
 from mtvae_jax import checkpoints
+from mtvae_jax import completion
 from mtvae_jax import config as config_lib
 from mtvae_jax.thesis import crossval
 from mtvae_jax import data
@@ -25,6 +31,7 @@ from mtvae_jax import prior
 from mtvae_jax.thesis import report as thesis_report
 from mtvae_jax import train
 from mtvae_jax import workdir
+from mtvae_jax.completion import io as completion_io
 from mtvae_jax.errors import UserError
 
 
@@ -305,3 +312,268 @@ def test_results_print_as_one_line_of_4_significant_digits():
            'unconditioned': 0.98765432101, 'baseline': None}
   assert loop.format_metrics(config_lib.flatten(curve)) == (
       'baseline=None errors.exact=[0.1235, 0.01235] num_pixels=[0, 1] unconditioned=0.9877')
+
+
+# The completion's commands: experiments.complete, experiments.sparse_benchmark, experiments.prior.
+
+def fake_run(folder, model='gaussian', checkpoint=True):
+  """A run folder with config.json and metrics.json, and a best checkpoint file if `checkpoint`."""
+  folder.mkdir(parents=True, exist_ok=True)
+  (folder / 'config.json').write_text(small_config(model, 'none').to_json_best_effort())
+  (folder / 'metrics.json').write_text('{"loss": 1.0}')
+  if checkpoint:
+    (folder / 'checkpoints' / 'best' / '2').mkdir(parents=True)
+    (folder / 'checkpoints' / 'best' / '2' / 'params').write_bytes(b'weights')
+  return folder
+
+
+def listing(folder):
+  return sorted(str(path.relative_to(folder)) for path in folder.rglob('*'))
+
+
+@pytest.fixture
+def unloadable(monkeypatch):
+  """Makes loading a run fail the test: what is checked must be checked before."""
+  monkeypatch.setattr(train, 'load_run', lambda *args: pytest.fail('run loaded before the check'))
+
+
+def write_png(path, array, mode=None):
+  Image.fromarray(np.asarray(array), mode).save(path)
+
+
+@pytest.mark.parametrize('case', ['npz_onto_itself', 'npz_onto_the_photo', 'npz_onto_the_mask',
+                                  'existing_npz', 'existing_panel'])
+def test_complete_refuses_an_output_that_is_an_input_or_exists_and_keeps_every_file(
+    tmp_path, case, unloadable):
+  np.savez(tmp_path / 'a.npz', values=np.full((8, 8, 1), 0.5), mask=np.ones((8, 8)))
+  write_png(tmp_path / 'photo.png', np.full((8, 8), 128, np.uint8))
+  write_png(tmp_path / 'seen.png', np.full((8, 8), 255, np.uint8))
+  (tmp_path / 'old.npz').write_bytes(b'kept')
+  (tmp_path / 'old.png').write_bytes(b'kept')
+  (tmp_path / 'other.png').write_bytes(b'kept')
+  source, mask, output, message = {
+      'npz_onto_itself': ('a.npz', None, 'a.npz', "would replace --input '.*a.npz'"),
+      'npz_onto_the_photo': ('photo.png', 'seen.png', 'photo.npz',
+                             "would replace --input '.*photo.png' with its panel"),
+      'npz_onto_the_mask': ('photo.png', 'seen.png', 'seen.npz',
+                            "would replace --mask '.*seen.png' with its panel"),
+      'existing_npz': ('a.npz', None, 'old.npz', 'old.npz and .*old.png exist'),
+      'existing_panel': ('a.npz', None, 'other.npz', 'other.png exist.*give --overwrite'),
+  }[case]
+  before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+  with pytest.raises(UserError, match=message) as e:
+    completion_io.complete_files(fake_run(tmp_path / 'run'), str(tmp_path / source),
+                                 mask and str(tmp_path / mask), tmp_path / output)
+  assert '\n' not in str(e.value)
+  assert {path.name: path.read_bytes() for path in tmp_path.iterdir() if path.is_file()} == before
+
+
+def test_complete_replaces_an_existing_output_only_with_overwrite(tmp_path, monkeypatch):
+  np.savez(tmp_path / 'a.npz', values=np.full((8, 8, 1), 0.5), mask=np.ones((8, 8)))
+  (tmp_path / 'old.npz').write_bytes(b'kept')
+  loaded = []
+  monkeypatch.setattr(completion, 'load_run', lambda workdir: loaded.append(workdir) or 1 / 0)
+  with pytest.raises(ZeroDivisionError):   # past the checks of the files, at loading the run
+    completion_io.complete_files('run', str(tmp_path / 'a.npz'), None, tmp_path / 'old.npz',
+                                 overwrite=True)
+  assert loaded == ['run'] and (tmp_path / 'old.npz').read_bytes() == b'kept'
+
+
+def test_a_16_bit_grey_png_is_scaled_by_its_bit_depth(tmp_path):
+  pixels = (np.arange(64).reshape(8, 8) * 1000).astype(np.uint16)
+  write_png(tmp_path / 'deep.png', pixels)
+  write_png(tmp_path / 'mask.png', (pixels > 30000).astype(np.uint16))
+  values, mask, image = completion_io.read_input(tmp_path / 'deep.png', tmp_path / 'mask.png')
+  assert image
+  np.testing.assert_allclose(values[..., 0], pixels / 65535, rtol=1e-6)
+  np.testing.assert_array_equal(mask, pixels > 30000)
+  assert completion_io.fit_channels(values, 3).shape == (8, 8, 3)
+
+
+@pytest.mark.parametrize('case, message', [
+    ('empty', "'.*in.npz' is an empty file: give an .npz of values and mask, or an image"),
+    ('text', "'.*in.npz' is not an .npz \\(a zip archive of arrays\\), but named one: save"),
+    ('npy', "'.*in.npy' is a .npy file, which holds one array: save values and mask together"),
+    ('npy_named_npz', "'.*in.npz' is a .npy file"),
+    ('object', "'.*in.npz' cannot be read as an .npz: Object arrays cannot be loaded"),
+])
+def test_an_input_file_is_named_for_what_it_holds(tmp_path, case, message, unloadable):
+  path = tmp_path / ('in.npy' if case == 'npy' else 'in.npz')
+  if case == 'empty':
+    path.write_bytes(b'')
+  elif case == 'text':
+    path.write_text('values,mask\n0.5,1\n')
+  elif case.startswith('npy'):
+    with open(path, 'wb') as f:
+      np.save(f, np.zeros((8, 8)))
+  else:
+    np.savez(path, values=np.array([{'a': 1}], dtype=object), mask=np.ones((8, 8)))
+  with pytest.raises(UserError, match=message):
+    completion_io.complete_files(tmp_path / 'run', str(path), None, tmp_path / 'out.npz')
+
+
+@pytest.mark.parametrize('values, mask, message', [
+    (np.zeros((0, 8, 8, 1)), np.ones((0, 8, 8)), r'values of shape \(0, 8, 8, 1\) hold no image'),
+    (np.array(['a', 'b']), np.ones((8, 8)), 'values of dtype <U1 are not numbers'),
+    (np.full((8, 8, 1), 0.5), np.full((8, 8), 'x'), 'mask of dtype <U1 are not numbers')])
+def test_inputs_of_no_image_or_of_strings_are_one_line(values, mask, message):
+  with pytest.raises(UserError, match=message):
+    completion.check_inputs(values, mask, (8, 8, 1))
+
+
+@pytest.mark.parametrize('num_samples, num_images, message', [
+    (10**9, 1, 'use an integer from 2 to 16384 '), (100000, 1, 'use an integer from 2 to 16384 '),
+    (1, 1, 'use an integer from 2 to'),
+    (10000, 10**6, 'would take 2384.2 GiB, over 1/4 of this machine.* use num_samples <= ')])
+def test_num_samples_that_cannot_fit_are_refused_with_the_most_that_fit(num_samples, num_images,
+                                                                         message):
+  with pytest.raises(UserError, match=f'^num_samples={num_samples} .*{message}'):
+    completion.check_num_samples(num_samples, num_images, (8, 8, 1))
+  completion.check_num_samples(16384, 1, (8, 8, 1))
+
+
+def test_a_run_without_checkpoints_is_one_line_and_nothing_is_created(tmp_path):
+  run = fake_run(tmp_path / 'run', 'vq', checkpoint=False)
+  np.savez(tmp_path / 'in.npz', values=np.full((8, 8, 1), 0.5), mask=np.ones((8, 8)))
+  message = "holds the metrics.json of a finished run but no checkpoint"
+  with pytest.raises(UserError, match=message):
+    completion_io.complete_files(run, str(tmp_path / 'in.npz'), None, tmp_path / 'out.npz')
+  with pytest.raises(UserError, match=message):
+    prior.train_prior(prior.default_config(), run)
+  assert listing(run) == ['config.json', 'metrics.json']
+  assert not (tmp_path / 'out.npz').exists()
+
+
+def test_a_prior_without_checkpoints_is_one_line_and_nothing_is_created(tmp_path, monkeypatch):
+  run = fake_run(tmp_path / 'run', 'vq')
+  fake_run(run / 'prior', checkpoint=False)
+  before = listing(run)
+  with pytest.raises(UserError, match="holds the metrics.json of a trained prior but no checkpoint"
+                     r".*: remove .*prior and run python -m experiments.prior"):
+    prior.load_prior(run, types.SimpleNamespace())
+  assert listing(run) == before
+
+
+def test_a_priors_folder_given_as_the_run_is_named_as_such(tmp_path, unloadable):
+  prior_dir = fake_run(tmp_path / 'run', 'vq') / prior.PRIOR_DIR
+  prior_dir.mkdir()
+  config = prior.default_config()
+  (prior_dir / 'config.json').write_text(config.to_json_best_effort())
+  (prior_dir / 'metrics.json').write_text('{}')
+  message = (f"^workdir '{prior_dir}' is the folder of a PixelCNN prior: give its VQ-VAE run's "
+             f"folder, --workdir={prior_dir.parent}$")
+  with pytest.raises(UserError, match=message):
+    completion.load_run(prior_dir)
+  with pytest.raises(UserError, match=message):
+    prior.train_prior(config, prior_dir)
+  result = subprocess.run(
+      [sys.executable, '-m', 'experiments.sparse_benchmark', f'--workdir={prior_dir}'], cwd=ROOT,
+      capture_output=True, text=True, timeout=600, env=device_env())
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [f"error: workdir '{prior_dir}' is the folder of a PixelCNN "
+                                        f"prior: give its VQ-VAE run's folder, --workdir={prior_dir.parent}"]
+
+
+@pytest.mark.parametrize('flag, value', [('fractions', 'nan'), ('fractions', 'inf'),
+                                         ('fractions', '0.1,-inf'), ('counts', '8,x'),
+                                         ('num_images', '0')])
+def test_sparse_benchmark_flags_are_checked_before_the_run_is_loaded(tmp_path, flag, value):
+  result = subprocess.run(  # no run in tmp_path: the flag is what is refused
+      [sys.executable, '-m', 'experiments.sparse_benchmark', f'--workdir={tmp_path}',
+       f'--{flag}={value}'], cwd=ROOT, capture_output=True, text=True, timeout=600,
+      env=device_env())
+  assert result.returncode == 2
+  assert result.stderr.splitlines() == [
+      f'error: --{flag}={value} is not allowed: ' + ('use an integer >= 1' if flag == 'num_images'
+                                                     else 'give a comma-separated list of ' + (
+                                                         'pixel counts' if flag == 'counts' else
+                                                         'fractions of the pixels, each between 0 '
+                                                         'and 1'))]
+
+
+@pytest.mark.parametrize('umask', [0o022, 0o027, 0o002])
+def test_json_files_get_the_mode_of_the_umask(tmp_path, umask):
+  old = os.umask(umask)
+  try:
+    workdir.write_json(tmp_path / 'a.json', {'x': 1})
+  finally:
+    os.umask(old)
+  assert (tmp_path / 'a.json').stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+GOOD_NOISE = {'observed': 0.1, 'hidden': 0.2, 'candidates': completion.CANDIDATES,
+              'weighting': [['decoder', 4.0, 0.001]] * len(completion.CALIBRATION_FRACTIONS)}
+SOURCES = {'run': 'a1', 'prior': None, 'settings': {'pool_size': 3}}
+
+
+def signed(value):
+  """The text of a cache file of `value` as completion.cached writes it, with its sum."""
+  return json.dumps(dict(value, sha256=completion.digest(value)))
+
+
+def noise(**changes):
+  return signed({**GOOD_NOISE, 'made_from': SOURCES, **changes})
+
+
+@pytest.mark.parametrize('text', [
+    noise(observed=math.nan), noise(observed=1e308), noise(hidden=math.inf), noise(hidden=-0.5),
+    noise(observed='0.1'), noise(observed=[]), noise(observed=True), noise(weighting=[]),
+    noise(weighting=[['decoder', -4.0, 0.001]]),
+    noise(weighting=[['decoder', 4.0, -1.0]] * 6), noise(weighting=[['decoder', 4.0, 1]] * 6),
+    noise(weighting=[['decoder', math.nan, 0.001]] * 6),
+    noise(weighting=[['nobody', 4.0, 0.001]] * 6), noise(weighting=[[]] * 6),
+    noise(made_from=dict(SOURCES, run='b2')),   # another checkpoint's
+    noise(made_from=dict(SOURCES, settings={'pool_size': 4})),
+    json.dumps(dict(GOOD_NOISE, made_from=SOURCES)),   # no sum
+    noise().replace('0.1', '0.3'),   # a changed digit, still valid JSON: its sum differs
+    signed(GOOD_NOISE),   # an older version's, made from what is not recorded
+    '[]', '{"observed": 0.1, "hid',
+])
+def test_a_damaged_mistyped_or_stale_noise_json_is_computed_again(tmp_path, monkeypatch, capsys,
+                                                                  text):
+  (tmp_path / completion.CACHE_DIR).mkdir()
+  path = tmp_path / completion.CACHE_DIR / 'noise.json'
+  path.write_text(text)
+  fresh = dict(GOOD_NOISE, observed=0.125)
+  monkeypatch.setattr(completion, 'estimate_noise', lambda *args: fresh)
+  scales = completion.noise_scales(tmp_path, None, None, None, SOURCES)
+  assert scales == dict(fresh, made_from=SOURCES)
+  assert json.loads(path.read_text()) == json.loads(signed(scales))
+  assert f"'{path}' is " in capsys.readouterr().err
+  monkeypatch.setattr(completion, 'estimate_noise', lambda *args: pytest.fail('not cached'))
+  assert completion.noise_scales(tmp_path, None, None, None, SOURCES) == scales
+
+
+@pytest.mark.parametrize('codes', [
+    [[[0, 1], [2, 16]]] * 3, [[[0, 1], [2, -1]]] * 3, [[[0, 1], [2, 3.5]]] * 3,
+    [[[0, 1], [2, 'a']]] * 3, [[[0, 1], [2, True]]] * 3, [[[0, 1], [2, 3]]] * 2,
+    [[[0, 1, 2]]] * 3, [], [[[0, 1], [2]]] * 3, 'codes'])
+def test_prior_codes_out_of_range_of_the_wrong_type_or_grid_are_drawn_again(
+    tmp_path, monkeypatch, codes):
+  (tmp_path / completion.CACHE_DIR).mkdir()
+  path = tmp_path / completion.CACHE_DIR / 'prior_codes.json'
+  path.write_text(signed({'codes': codes, 'made_from': SOURCES}))
+  drawn = np.arange(12).reshape(3, 2, 2) % 16
+  monkeypatch.setattr(prior, 'code_grid', lambda run: (2, 2))
+  monkeypatch.setattr(prior, 'sampler', lambda model: lambda params, key, shape: np.resize(
+      drawn, shape))
+  run = types.SimpleNamespace(config=types.SimpleNamespace(vq=types.SimpleNamespace(
+      num_embeddings=16)))
+  pool = completion.prior_pool(tmp_path, run, None, None, SOURCES, size=3)
+  np.testing.assert_array_equal(pool, drawn)
+  assert json.loads(path.read_text()) == json.loads(signed({'codes': drawn.tolist(),
+                                                              'made_from': SOURCES}))
+
+
+def test_the_cache_records_the_checkpoints_it_was_made_from(tmp_path):
+  run = fake_run(tmp_path / 'run', 'vq')
+  fake_run(run / prior.PRIOR_DIR)
+  vq = types.SimpleNamespace(config=types.SimpleNamespace(model='vq'))
+  first = completion.made_from(run, vq)
+  assert first == json.loads(json.dumps(first))   # as read back from the JSON file
+  assert completion.made_from(run, vq) == first
+  (run / prior.PRIOR_DIR / 'checkpoints' / 'best' / '2' / 'params').write_bytes(b'retrained')
+  second = completion.made_from(run, vq)
+  assert second['prior'] != first['prior'] and second['run'] == first['run']
+  (run / 'checkpoints' / 'best' / '2').rename(run / 'checkpoints' / 'best' / '3')
+  assert completion.made_from(run, vq)['run'] != first['run']

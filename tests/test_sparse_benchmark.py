@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from mtvae_jax import sparse_benchmark as bench
+from mtvae_jax.completion import benchmark as bench
 from mtvae_jax.errors import UserError
 
 
@@ -115,7 +115,8 @@ def test_exact_benchmark_masks_are_one_grid_and_uniform_ones_differ():
   np.testing.assert_array_equal(uniform.sum(axis=(1, 2, 3)), 7)
 
 
-@pytest.mark.parametrize('fractions', [[], [0.0001], [1.0], [0.5, 2.0]])
-def test_check_fractions_refuses_fractions_observing_no_or_every_pixel(fractions):
+@pytest.mark.parametrize('fractions', [[], [0.0001], [1.0], [0.5, 2.0], [float('nan')],
+                                       [float('inf')], [0.1, float('-inf')]])
+def test_check_fractions_refuses_fractions_observing_no_or_every_pixel_or_not_finite(fractions):
   with pytest.raises(UserError, match='observed fractions'):
     bench.check_fractions(fractions, 64)

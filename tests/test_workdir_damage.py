@@ -1,20 +1,26 @@
-"""Property test: a work directory, finished or interrupted inside its last epoch, damaged at
+"""Property tests: a work directory, finished or interrupted inside its last epoch, damaged at
 random (a file cut short, a bit flipped, a file deleted), and the same command run again: it ends
 in one UserError line, or it resumes and ends with the metrics.json of the undamaged run; never
-another exception or a silently different result.
+another exception or a silently different result. The same for the completion's files of a VQ-VAE
+run (its prior/ and its completion/ cache): the completion is refused in one line or completes
+with the calibration and the prior's samples of the undamaged run.
 
 metrics.json of a finished run is the result itself and has no checksum: its bits are left alone.
 """
+import contextlib
 import json
 import pathlib
 import shutil
 import tempfile
 
 from hypothesis import event, given, settings, strategies as st
+import numpy as np
 import pytest
 
 from conftest import latest_steps
 from conftest import small_config
+from mtvae_jax import completion
+from mtvae_jax import prior
 from mtvae_jax import train
 from mtvae_jax.errors import UserError
 
@@ -81,3 +87,64 @@ def test_a_damaged_workdir_is_refused_in_one_line_or_resumed_to_the_same_metrics
     event('same metrics')
     assert result == metrics
     assert json.loads((workdir / 'metrics.json').read_text()) == metrics
+
+
+@contextlib.contextmanager
+def quick_calibration():
+  """The completion calibrated on a few validation images: the same code, less compute."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(completion, 'CALIBRATION_IMAGES', 12)
+    patch.setattr(completion, 'NOISE_IMAGES', 64)
+    yield
+
+
+@pytest.fixture(scope='module')
+def completed_run(tmp_path_factory):
+  """(workdir, noise, pool) of a small finished VQ-VAE run with a tiny prior and its completion
+  cache (quick_calibration)."""
+  workdir = tmp_path_factory.mktemp('vq')
+  train.train_and_evaluate(small_config('vq', 'none'), workdir)
+  config = prior.default_config()
+  config.pixelcnn.update(features=8, num_layers=2)
+  config.train.update(num_epochs=1, batch_size=64)
+  prior.train_prior(config, workdir)
+  with quick_calibration():
+    helper = completion.completer(workdir)
+  return workdir, helper.noise, np.asarray(helper.family.data['pool'])
+
+
+def completion_group(relative):
+  """The part of the completion's files that a file (path relative to the run) belongs to."""
+  parts = relative.parts
+  return '/'.join(parts[:3] if parts[:2] == ('prior', 'checkpoints') else parts[:2])
+
+
+@settings(max_examples=16, deadline=None, derandomize=True)
+@given(index=st.integers(0, 10**6), how=st.sampled_from(DAMAGES), fraction=st.floats(0, 1),
+       bit=st.integers(0, 7))
+def test_damaged_completion_files_are_refused_in_one_line_or_computed_again_the_same(
+    completed_run, index, how, fraction, bit):
+  original, noise, pool = completed_run
+  with tempfile.TemporaryDirectory() as folder:
+    workdir = pathlib.Path(folder) / 'run'
+    shutil.copytree(original, workdir)
+    groups = {}
+    for path in sorted([*(workdir / completion.CACHE_DIR).rglob('*'),
+                        *(workdir / prior.PRIOR_DIR).rglob('*')]):
+      if path.is_file() and path.name != '.lock' and not (
+          how == 'flip' and path.name == 'metrics.json'):
+        groups.setdefault(completion_group(path.relative_to(workdir)), []).append(path)
+    name = sorted(groups)[index % len(groups)]
+    path = groups[name][index // len(groups) % len(groups[name])]
+    event(f'{how} {name}')
+    damage(path, how, fraction, bit)
+    try:
+      with quick_calibration():
+        helper = completion.completer(workdir)
+    except UserError as error:
+      assert '\n' not in str(error), str(error)
+      event('refused')
+      return
+    event('the same completion')
+    assert helper.noise == noise
+    np.testing.assert_array_equal(helper.family.data['pool'], pool)

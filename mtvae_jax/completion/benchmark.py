@@ -36,6 +36,7 @@ figure.
 """
 import functools
 import json
+import math
 import pathlib
 import time
 
@@ -153,19 +154,15 @@ def interpolation(x, mask):
 
 
 @functools.partial(jax.jit, static_argnames='k')
-def _nearest(train_flat, x_flat, mask_flat, k):
-  """Indices (N, k) of the training rows closest to each x on its observed values."""
-  distances = (jnp.sum(mask_flat * x_flat ** 2, axis=1, keepdims=True)
-               - 2.0 * (mask_flat * x_flat) @ train_flat.T + mask_flat @ (train_flat ** 2).T)
-  return jax.lax.top_k(-distances, k)[1]
+def _nearest_rows(train_images, x, mask, k):
+  """Indices (N, k) of the training images closest to each of x (N, H, W, C) on its observed
+  pixels, mask (N, H, W, 1): completion.nearest_rows per image."""
+  return jax.vmap(lambda x, mask: completion.nearest_rows(x, mask, train_images, k))(x, mask)
 
 
 def nearest_neighbours(train_images, x, mask, k):
   """The mean of the k training images closest on the observed pixels; samples: those images."""
-  num = len(x)
-  full_mask = np.broadcast_to(mask, x.shape).reshape(num, -1)
-  rows = np.asarray(_nearest(train_images.reshape(len(train_images), -1), x.reshape(num, -1),
-                             full_mask, k))
+  rows = np.asarray(_nearest_rows(train_images, x, mask, k))
   samples = train_images[rows]
   return samples.mean(axis=1), samples
 
@@ -180,12 +177,23 @@ def benchmark_masks(key, sampling, count, num_images, shape):
 
 def check_fractions(fractions, num_pixels):
   """Sorted distinct observed fractions; each must leave 1 to num_pixels - 1 pixels observed."""
-  counts = [round(f * num_pixels) for f in fractions]
-  bad = [f for f, c in zip(fractions, counts) if not 1 <= c < num_pixels]
+  bad = [f for f in fractions if not (math.isfinite(f) and 1 <= round(f * num_pixels) < num_pixels)]
   if bad or not fractions:
     raise UserError(f'observed fractions {bad or "(none)"} are not allowed: give fractions that '
                     f'observe from 1 to {num_pixels - 1} of the {num_pixels} pixels')
   return sorted(set(fractions))
+
+
+def check_arguments(run, fractions, num_images, num_samples):
+  """check_fractions's fractions for the test images of `run` (train.Run); UserError unless
+  num_images of them fit, with num_samples samples each (completion.check_num_samples)."""
+  test = run.splits.test
+  fractions = check_fractions(list(fractions), math.prod(test.shape[1:3]))
+  if not 1 <= num_images <= len(test):
+    raise UserError(f'num_images={num_images} is not allowed: use 1 to {len(test)}, the test '
+                    'images')
+  completion.check_num_samples(num_samples, num_images, test.shape[1:])
+  return fractions
 
 
 def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, num_samples=32,
@@ -195,10 +203,7 @@ def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, 
   run = helper.run
   test, train_images = run.splits.test, np.asarray(run.splits.train)
   height, width, _ = test.shape[1:]
-  fractions = check_fractions(list(fractions), height * width)
-  if not 1 <= num_images <= len(test):
-    raise UserError(f'num_images={num_images} is not allowed: use 1 to {len(test)}, the test '
-                    'images')
+  fractions = check_arguments(run, fractions, num_images, num_samples)
   truth = np.asarray(test[:num_images])
   methods = {
       'posterior': lambda x, mask, key: _completion(helper, x, mask, num_samples, 'posterior',

@@ -61,10 +61,18 @@ sqrt(var of f(z, m) + a over the samples + s^2).
 
 Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
+
+The package's other modules: io (the files of experiments.complete) and
+benchmark (experiments.sparse_benchmark).
 """
 import functools
+import hashlib
+import json
 import math
+import os
 import pathlib
+import sys
+import time
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -73,6 +81,7 @@ import numpy as np
 
 from mtvae_jax import loop
 from mtvae_jax import masks
+from mtvae_jax import methods
 from mtvae_jax import prior
 from mtvae_jax import train
 from mtvae_jax import workdir as workdir_lib
@@ -95,6 +104,9 @@ TEMPERATURE_STEPS = 48       # bisection steps of `temper`
 RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)   # candidate ridge penalties of regression_adjustment
 ADJUSTMENT_STEPS = 64        # conjugate-gradient steps of regression_adjustment
 CANDIDATES = [list(SOURCES), list(ESS_TARGETS), list(RIDGES)]   # noise.json's record of them
+# Pixel values of one image's samples decoded at once: 2**20 took about 2.5 GB (8x8 digits).
+MAX_SAMPLE_VALUES = 2 ** 20
+MEMORY_SHARE = 4   # the samples of all images may take a quarter of the machine's memory
 
 
 class Settings(NamedTuple):
@@ -132,7 +144,8 @@ class Completer(NamedTuple):
   run: train.Run
   family: Family
   noise: dict      # {'observed': s_obs, 'hidden': s_hid, 'weighting': [[source, ess, ridge]]
-                   # per CALIBRATION_FRACTIONS entry, 'candidates': CANDIDATES}
+                   # per CALIBRATION_FRACTIONS entry, 'candidates': CANDIDATES, 'made_from':
+                   # made_from's record}
   search: Any      # (N, H, W, C) training images searched for the nearest ones
   functions: dict  # completion_fn's jitted functions, by (method, num_samples, settings)
 
@@ -313,30 +326,81 @@ def vq_family(run, prior_model, prior_params, pool):
             'pool_log_prior': jax.jit(log_prior)(prior_params, pool)})
 
 
-def prior_pool(workdir, run, prior_model, prior_params, size=POOL_SIZE, seed=0):
-  """(size, h, w) int32 codes drawn from the PixelCNN prior, cached in <workdir>/completion/."""
+def valid_codes(value, shape, num_codes):
+  """Whether value['codes'] (JSON content) is an integer grid of `shape` of codes below
+  num_codes."""
+  try:
+    codes = np.asarray(value.get('codes'))
+  except ValueError:   # ragged lists
+    return False
+  return (codes.dtype.kind == 'i' and codes.shape == shape and codes.size > 0
+          and 0 <= codes.min() and codes.max() < num_codes
+          and all(type(code) is int for code in np.asarray(value['codes'], object).flat))  # no bool
+
+
+def prior_pool(workdir, run, prior_model, prior_params, sources, size=POOL_SIZE, seed=0):
+  """(size, h, w) int32 codes drawn from the PixelCNN prior, cached in
+  <workdir>/completion/prior_codes.json with what they were drawn from (`sources`)."""
+  grid = prior.code_grid(run)
+
   def draw():
-    sample, grid = prior.sampler(prior_model), prior.code_grid(run)
+    sample = prior.sampler(prior_model)
     keys = jax.random.split(jax.random.key(seed), -(-size // 256))
     pool = np.concatenate([np.asarray(sample(prior_params, key, (256, *grid))) for key in keys])
-    return pool[:size].tolist()
+    return {'codes': pool[:size].tolist()}
 
-  return np.asarray(cached(pathlib.Path(workdir) / CACHE_DIR / 'prior_codes.json', draw), np.int32)
+  value = cached(pathlib.Path(workdir) / CACHE_DIR / 'prior_codes.json', draw,
+                 lambda value: valid_codes(value, (size, *grid), run.config.vq.num_embeddings),
+                 sources)
+  return np.asarray(value['codes'], np.int32)
 
 
-def cached(path, compute, current=lambda value: True):
-  """The JSON content of `path` where current(content), or compute() written there (unless the
-  folder is read-only)."""
+def _load_vq(workdir, run, sources):
+  """The vq_family of the run in `workdir`, with its trained prior and its pool."""
+  prior_model, prior_state = prior.load_prior(workdir, run)
+  pool = prior_pool(workdir, run, prior_model, prior_state.params, sources)
+  return vq_family(run, prior_model, prior_state.params, jnp.asarray(pool))
+
+
+class Model(NamedTuple):
+  """What the completion of a config.model needs: family(workdir, run, made_from) -> its Family;
+  prior_dir, the folder in the run of a trained prior its Family draws from (None: none); pool,
+  the prior draws among every image's proposals."""
+  family: Callable
+  prior_dir: Any
+  pool: int
+
+
+MODELS = {'gaussian': Model(lambda workdir, run, sources: gaussian_family(run), None, 0),
+          'vq': Model(_load_vq, prior.PRIOR_DIR, POOL_SIZE)}
+
+
+def digest(value):
+  """SHA-256 (hex) of the JSON object `value`, its keys sorted: a cache file's own sum."""
+  return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def cached(path, compute, valid, sources):
+  """The JSON object in `path` where it matches its 'sha256' (digest), was made from `sources`
+  and valid(it); else compute() with 'made_from': sources, written there with its sum (unless
+  the folder is read-only). A file that is there but stale or damaged is named on stderr as it
+  is replaced."""
   try:
     value = workdir_lib.read_json(path)
-    if current(value):
+    if (isinstance(value, dict) and value.pop('sha256', None) == digest(value)
+        and value.get('made_from') == sources and valid(value)):
       return value
-  except (OSError, UserError):  # absent, or cut short
-    pass
-  value = compute()
+    reason = 'made from another checkpoint, prior or settings, or damaged'
+  except UserError:
+    reason = 'damaged'
+  except OSError:   # absent
+    reason = None
+  if reason:
+    print(f"'{path}' is {reason}: computing it again", file=sys.stderr, flush=True)
+  value = dict(compute(), made_from=sources)
   try:
     path.parent.mkdir(exist_ok=True)
-    workdir_lib.write_json(path, value)
+    workdir_lib.write_json(path, dict(value, sha256=digest(value)))
   except OSError:
     pass
   return value
@@ -345,19 +409,24 @@ def cached(path, compute, current=lambda value: True):
 # Both families.
 
 def _conditioning(run, x, mask):
-  """m (1, H, W, 1 + C) of one image, or None for method none (decoder 1 without m)."""
-  if run.config.method == 'none':
+  """m (1, H, W, 1 + C) of one image, or None for a method without p(x|z, m) (decoder 1 alone)."""
+  if not methods.of(run.config).conditioned:
     return None
   return masks.conditioning(x[None], mask[None])
 
 
-def nearest(x, mask, images, k):
-  """The k of images (N, H, W, C) closest to x (H, W, C) on the pixels where mask (H, W, 1) is 1."""
-  k = min(k, len(images))
+def nearest_rows(x, mask, images, k):
+  """Indices (k,) of the images (N, H, W, C) closest to x (H, W, C) on the pixels where mask
+  (H, W, 1) is 1, closest first (all N where k > N): the one masked nearest-neighbour search."""
   weights = jnp.broadcast_to(mask, x.shape).reshape(-1)
   flat = images.reshape(len(images), -1)
-  distances = jnp.square(flat) @ weights - 2.0 * flat @ (weights * x.reshape(-1))
-  return images[jax.lax.top_k(-distances, k)[1]]
+  distances = jnp.square(flat) @ weights - 2.0 * flat @ (weights * x.reshape(-1))  # less |x|^2
+  return jax.lax.top_k(-distances, min(k, len(images)))[1]
+
+
+def nearest(x, mask, images, k):
+  """The k of images (N, H, W, C) closest to x (H, W, C) on the pixels where mask (H, W, 1) is 1."""
+  return images[nearest_rows(x, mask, images, k)]
 
 
 def _decoder(family, variables, m):
@@ -546,8 +615,8 @@ def completion_fn(completer, method, num_samples, settings):
   """jit of (keys (B,), x (B, H, W, C), mask (B, H, W, 1)) -> samples (B, S, H, W, C), mean, std;
   made once per completer and arguments."""
   run, family = completer.run, completer.family
-  if run.config.model == 'vq':  # the whole pool is the proposals
-    settings = settings._replace(num_proposals=len(family.data['pool']))
+  if MODELS[run.config.model].pool:  # the whole pool is the proposals
+    settings = settings._replace(num_proposals=MODELS[run.config.model].pool)
   key = (method, num_samples, settings)
   if key not in completer.functions:
     per_image = functools.partial(complete_image, run=run, family=family, noise=completer.noise,
@@ -564,11 +633,11 @@ def residual_sums(state, images, weights, key, *, config):
   """Squared residuals and pixel counts of the completing decoder f given the encoder's z, on the
   observed and the hidden pixels.
 
-  Masks come from the run's training distribution (config.mask); method none
-  has no mask (f is g), all its pixels count as observed.
+  Masks come from the run's training distribution (config.mask); a method
+  without p(x|z, m) has no mask (f is g), all its pixels count as observed.
   """
   mask_key, z_key = jax.random.split(key)
-  if config.method == 'none':
+  if not methods.of(config).conditioned:
     mask = jnp.ones((*images.shape[:3], 1))
     conds = {'out': None}   # f is g
   else:
@@ -641,41 +710,77 @@ def calibrate_weighting(run, family, search, settings=Settings()):
 def estimate_noise(run, family, search):
   """{'observed': s_obs, 'hidden': s_hid, 'weighting': calibrate_weighting's choices,
   'candidates': CANDIDATES, what it chose from}: s_obs and s_hid are RMS residuals on up to
-  NOISE_IMAGES validation images (method none: one decoder error for all pixels)."""
+  NOISE_IMAGES validation images (without p(x|z, m): one decoder error for all pixels)."""
   images = run.splits.validation[:NOISE_IMAGES]
   sums = loop.evaluate(jax.jit(functools.partial(residual_sums, config=run.config)), run.state,
                        images, run.config.train.batch_size, jax.random.fold_in(run.eval_key, 1))
   observed = float(np.sqrt(sums['observed'] / sums['observed_pixels']))
-  hidden = (observed if run.config.method == 'none'
-            else float(np.sqrt(sums['hidden'] / sums['hidden_pixels'])))
+  hidden = (float(np.sqrt(sums['hidden'] / sums['hidden_pixels']))
+            if methods.of(run.config).conditioned else observed)
   return {'observed': observed, 'hidden': hidden,
           'weighting': calibrate_weighting(run, family, search),
           'candidates': CANDIDATES}
 
 
-def noise_scales(workdir, run, family, search):
-  """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json (and
-  estimated again where the cached choices were made among other candidates)."""
+def valid_noise(noise):
+  """Whether `noise` (JSON content) is estimate_noise's: scales in [0, 1] (RMS errors of values
+  in VALUE_RANGE), one [source, ess, ridge] among CANDIDATES per CALIBRATION_FRACTIONS entry."""
+  scale = lambda value: type(value) is float and 0.0 <= value <= 1.0   # NaN fails; bool is no float
+  rows = noise.get('weighting')
+  return (scale(noise.get('observed')) and scale(noise.get('hidden'))
+          and noise.get('candidates') == CANDIDATES and isinstance(rows, list)
+          and len(rows) == len(CALIBRATION_FRACTIONS)
+          and all(isinstance(row, list) and len(row) == 3 and row[0] in SOURCES
+                  and type(row[1]) is float and row[1] in ESS_TARGETS
+                  and type(row[2]) is float and row[2] in RIDGES for row in rows))
+
+
+def noise_scales(workdir, run, family, search, made_from):
+  """estimate_noise of the run in `workdir`, cached in <workdir>/completion/noise.json."""
   return cached(pathlib.Path(workdir) / CACHE_DIR / 'noise.json',
-                lambda: estimate_noise(run, family, search),
-                current=lambda noise: set(noise) == {'weighting', 'observed', 'hidden',
-                                                     'candidates'}
-                and noise['candidates'] == CANDIDATES
-                and len(noise['weighting']) == len(CALIBRATION_FRACTIONS))
+                lambda: estimate_noise(run, family, search), valid_noise, made_from)
+
+
+def fingerprint(folder):
+  """SHA-256 (hex) of the files of the best checkpoint under `folder` (a run's or a prior's)."""
+  best = pathlib.Path(folder) / 'checkpoints' / 'best'
+  digest = hashlib.sha256()
+  for path in sorted(best.rglob('*')):
+    if path.is_file():
+      digest.update(str(path.relative_to(best)).encode() + b'\0' + path.read_bytes())
+  return digest.hexdigest()
+
+
+def made_from(workdir, run):
+  """What the completion/ cache of the run in `workdir` is computed from: the run's and the
+  prior's checkpoints (fingerprint) and the settings of the calibration and the pool, as JSON."""
+  workdir = pathlib.Path(workdir)
+  prior_dir = MODELS[run.config.model].prior_dir
+  return {'run': fingerprint(workdir),
+          'prior': prior_dir and fingerprint(workdir / prior_dir),
+          'settings': {'noise_images': NOISE_IMAGES, 'calibration_images': CALIBRATION_IMAGES,
+                       'calibration_fractions': list(CALIBRATION_FRACTIONS),
+                       'candidates': CANDIDATES, 'pool_size': POOL_SIZE,
+                       'sampler': Settings()._asdict()}}
+
+
+def load_run(workdir):
+  """The finished run in `workdir` (train.load_run), once its files are checked
+  (prior.check_run): a folder that holds none is one UserError line, and nothing is created in
+  it."""
+  prior.check_run(workdir)
+  return train.load_run(workdir)
 
 
 def completer(workdir, run=None):
-  """A Completer of the finished run in `workdir` (a VQ run needs its trained prior)."""
-  run = run or train.load_run(workdir)
-  if run.config.model == 'vq':
-    prior_model, prior_state = prior.load_prior(workdir, run)
-    pool = prior_pool(workdir, run, prior_model, prior_state.params)
-    family = vq_family(run, prior_model, prior_state.params, jnp.asarray(pool))
-  else:
-    family = gaussian_family(run)
+  """A Completer of the finished run in `workdir` (a VQ run needs its trained prior); its
+  completion/ cache is computed again when damaged, or made from other checkpoints or settings."""
+  run = run or load_run(workdir)
+  sources = made_from(workdir, run)
+  family = MODELS[run.config.model].family(workdir, run, sources)
   search = jnp.asarray(
       run.splits.train[:max(1, SEARCH_VALUES // math.prod(run.splits.train.shape[1:]))])
-  return Completer(run, family, noise_scales(workdir, run, family, search), search, {})
+  return Completer(run, family, noise_scales(workdir, run, family, search, sources), search, {})
 
 
 # Checked inputs.
@@ -685,11 +790,17 @@ def check_inputs(values, mask, image_shape):
   0 at hidden pixels, and mask (N, H, W, 1) of 0/1. Raises UserError naming what does not fit."""
   height, width, channels = image_shape
   values, mask = np.asarray(values), np.asarray(mask)
+  for name, array in (('values', values), ('mask', mask)):
+    if array.dtype.kind not in 'biuf':
+      raise UserError(f'{name} of dtype {array.dtype} are not numbers: use an array of floats '
+                      '(or integers, booleans)')
   if values.ndim == 3:
     values = values[None]
   if values.ndim != 4 or values.shape[1:] != (height, width, channels):
     raise UserError(f'values of shape {values.shape} do not fit the run: use (N, {height}, '
                     f'{width}, {channels}) or ({height}, {width}, {channels})')
+  if not len(values):
+    raise UserError(f'values of shape {values.shape} hold no image: give at least one')
   if mask.shape not in ((height, width), values.shape[:3]):
     raise UserError(f'mask of shape {mask.shape} does not fit values of shape {values.shape}: '
                     f'use ({height}, {width}) or ({len(values)}, {height}, {width})')
@@ -713,31 +824,61 @@ def check_inputs(values, mask, image_shape):
 
 def chunk_size(num_images, num_samples, settings, model):
   """Images per jitted call: all, or as many as keep about 4096 latents decoded at once."""
-  if model == 'vq':
-    proposals = POOL_SIZE + settings.neighbours
-  else:
-    proposals = settings.neighbours or settings.num_proposals
+  proposals = MODELS[model].pool + (settings.neighbours or settings.num_proposals)
   return min(num_images, max(1, 4096 // max(num_samples, proposals)))
 
 
+def memory_bytes():
+  """The machine's physical memory in bytes."""
+  return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+
+
+def check_num_samples(num_samples, num_images, image_shape):
+  """UserError, before anything is allocated, unless num_samples completions of num_images
+  images of (H, W, C) image_shape fit: each image's samples are decoded at once (at most
+  MAX_SAMPLE_VALUES pixel values), all images' are kept (at most 1 / MEMORY_SHARE of the
+  machine's memory)."""
+  values = math.prod(image_shape)
+  most = max(2, MAX_SAMPLE_VALUES // values)
+  shape = 'x'.join(map(str, image_shape))
+  if not 2 <= num_samples <= most:
+    raise UserError(f'num_samples={num_samples} is not allowed: use an integer from 2 to {most} '
+                    f'(the most whose completions of one {shape} image fit in memory at once)')
+  budget = memory_bytes() // MEMORY_SHARE
+  needed = 4 * num_images * num_samples * values   # float32 samples
+  if needed > budget:
+    fits = max(0, budget // (4 * num_images * values))
+    raise UserError(f'num_samples={num_samples} of {num_images} {shape} images would take '
+                    f'{needed / 2**30:.1f} GiB, over 1/{MEMORY_SHARE} of this machine\'s '
+                    f'{memory_bytes() / 2**30:.0f} GiB: use num_samples <= {fits}, or complete '
+                    'fewer images at a time')
+
+
+def progress_line(done, total, seconds):
+  """'completed done/total images, about T s left' at the pace so far."""
+  return f'completed {done}/{total} images, about {seconds / done * (total - done):.0f} s left'
+
+
 def complete_arrays(completer, x, mask, num_samples=32, method='posterior', seed=0,
-                    settings=Settings()):
+                    settings=Settings(), progress=None):
   """Checked x (N, H, W, C) and mask (N, H, W, 1) -> {'mean', 'std', 'samples'} as numpy arrays.
 
   Image i's samples depend on (seed, i) only, not on how the images are chunked.
+  progress: None, or called with a progress_line after each chunk but the last.
   """
   if method not in METHODS:
     raise UserError(f"method={method!r} is not allowed: use one of {', '.join(METHODS)}")
-  if num_samples < 2:
-    raise UserError(f'num_samples={num_samples} is not allowed: use an integer >= 2')
+  check_num_samples(num_samples, len(x), x.shape[1:])
   fn = completion_fn(completer, method, num_samples, settings)
   size = chunk_size(len(x), num_samples, settings, completer.run.config.model)
   keys = jax.vmap(functools.partial(jax.random.fold_in, jax.random.key(seed)))(
       jnp.arange(len(x)))
-  out = []
+  out, begun = [], time.perf_counter()
   for start in range(0, len(x), size):
     index = np.minimum(np.arange(start, start + size), len(x) - 1)  # padded with the last image
     out.append(jax.device_get(fn(keys[index], x[index], mask[index])))
+    if progress and start + size < len(x):
+      progress(progress_line(start + size, len(x), time.perf_counter() - begun))
   samples, mean, std = (np.concatenate(parts)[:len(x)] for parts in zip(*out))
   return {'mean': mean, 'std': std, 'samples': samples}
 
@@ -750,6 +891,7 @@ def complete(workdir, values, mask, num_samples=32, method='posterior', seed=0) 
   'posterior' or 'prior'. Returns {'mean': (N, H, W, C), 'std': (N, H, W, C),
   'samples': (N, num_samples, H, W, C)}, float32. Raises UserError for bad inputs.
   """
-  helper = completer(workdir)
-  x, mask = check_inputs(values, mask, helper.run.splits.test.shape[1:])
-  return complete_arrays(helper, x, mask, num_samples, method, seed)
+  run = load_run(workdir)
+  x, mask = check_inputs(values, mask, run.splits.test.shape[1:])
+  check_num_samples(num_samples, len(x), x.shape[1:])
+  return complete_arrays(completer(workdir, run), x, mask, num_samples, method, seed)

@@ -31,6 +31,7 @@ from mtvae_jax import prior
 from mtvae_jax.thesis import report as thesis_report
 from mtvae_jax import train
 from mtvae_jax import workdir
+from mtvae_jax.completion import calibration as completion_calibration
 from mtvae_jax.completion import io as completion_io
 from mtvae_jax.errors import UserError
 
@@ -535,12 +536,13 @@ def test_a_damaged_mistyped_or_stale_noise_json_is_computed_again(tmp_path, monk
   path = tmp_path / completion.CACHE_DIR / 'noise.json'
   path.write_text(text)
   fresh = dict(GOOD_NOISE, observed=0.125)
-  monkeypatch.setattr(completion, 'estimate_noise', lambda *args: fresh)
+  monkeypatch.setattr(completion_calibration, 'estimate_noise', lambda *args: fresh)
   scales = completion.noise_scales(tmp_path, None, None, None, SOURCES)
   assert scales == dict(fresh, made_from=SOURCES)
   assert json.loads(path.read_text()) == json.loads(signed(scales))
   assert f"'{path}' is " in capsys.readouterr().err
-  monkeypatch.setattr(completion, 'estimate_noise', lambda *args: pytest.fail('not cached'))
+  monkeypatch.setattr(completion_calibration, 'estimate_noise',
+                      lambda *args: pytest.fail('not cached'))
   assert completion.noise_scales(tmp_path, None, None, None, SOURCES) == scales
 
 

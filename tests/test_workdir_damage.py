@@ -20,6 +20,7 @@ import pytest
 from conftest import latest_steps
 from conftest import small_config
 from mtvae_jax import completion
+from mtvae_jax.completion import calibration as completion_calibration
 from mtvae_jax import prior
 from mtvae_jax import train
 from mtvae_jax.errors import UserError
@@ -93,8 +94,8 @@ def test_a_damaged_workdir_is_refused_in_one_line_or_resumed_to_the_same_metrics
 def quick_calibration():
   """The completion calibrated on a few validation images: the same code, less compute."""
   with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(completion, 'CALIBRATION_IMAGES', 12)
-    patch.setattr(completion, 'NOISE_IMAGES', 64)
+    patch.setattr(completion_calibration, 'CALIBRATION_IMAGES', 12)
+    patch.setattr(completion_calibration, 'NOISE_IMAGES', 64)
     yield
 
 

@@ -244,9 +244,18 @@ def load_prior(workdir, run):
   check_checkpoint(prior_dir, 'trained prior',
                    f'run python -m experiments.prior --workdir={workdir} first',
                    f'remove {prior_dir} and run python -m experiments.prior --workdir={workdir}')
+  again = f'remove {prior_dir} and run python -m experiments.prior --workdir={workdir}'
+  path = prior_dir / workdir_lib.CONFIG
+  if not path.is_file():
+    raise UserError(f"'{path}' is missing, so the prior cannot be rebuilt: {again}")
+  stored = workdir_lib.read_json(path)
   config = default_config()
-  config.update(workdir_lib.read_json(prior_dir / workdir_lib.CONFIG))
-  model = build_prior(config, run.config.vq.num_embeddings)
-  state = create_prior_state(config, model, code_grid(run), jax.random.key(config.seed))
+  try:
+    config.update(stored)
+    model = build_prior(config, run.config.vq.num_embeddings)
+    state = create_prior_state(config, model, code_grid(run), jax.random.key(config.seed))
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    raise UserError(f"'{path}' does not describe a prior ({type(e).__name__}: {e}): "
+                    f'{again}') from None
   best_checkpoint, _ = checkpoints.managers(prior_dir, keep_latest=1)
   return model, checkpoints.restore_best(best_checkpoint, state)

@@ -47,6 +47,7 @@ def test_a_run_or_prior_on_a_locked_workdir_is_refused_at_once_naming_the_holder
   vq_run.mkdir()
   (vq_run / 'config.json').write_text(make_config('vq', 'none').to_json_best_effort())
   (vq_run / 'metrics.json').write_text('{}')
+  (vq_run / 'checkpoints' / 'best' / '1').mkdir(parents=True)  # the run's own checks pass
   with workdir.locked(vq_run / prior.PRIOR_DIR):
     with pytest.raises(UserError, match=f'is in use by process {os.getpid()}:'):
       prior.train_prior(prior.default_config(), vq_run)

@@ -85,6 +85,7 @@ def test_prior_command_line_names_a_bad_config_value_in_one_line():
 def test_prior_refuses_a_gaussian_run(tmp_path):
   (tmp_path / 'config.json').write_text(small_config('gaussian', 'none').to_json())
   (tmp_path / 'metrics.json').write_text('{}')
+  (tmp_path / 'checkpoints' / 'best' / '1').mkdir(parents=True)  # finished, as its files say
   result = cli(f'--workdir={tmp_path}')
   assert result.returncode == 2 and result.stderr.strip().count('\n') == 0, result.stderr
   assert 'holds a run of model=gaussian: the prior is learned over the codes of a VQ-VAE' in (

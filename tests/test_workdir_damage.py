@@ -59,6 +59,19 @@ def damage(path, how, fraction, bit):
     path.write_bytes(raw)
 
 
+def damage_one(workdir, paths, group, index, how, fraction, bit, skip):
+  """Damages one of the files among `paths` (but those `skip` names), chosen by `index` so that
+  each group of files is equally likely, whatever its number of files."""
+  groups = {}
+  for path in paths:
+    if path.is_file() and not skip(path):
+      groups.setdefault(group(path.relative_to(workdir)), []).append(path)
+  name = sorted(groups)[index % len(groups)]
+  path = groups[name][index // len(groups) % len(groups[name])]
+  event(f'{how} {name}')
+  damage(path, how, fraction, bit)
+
+
 @settings(max_examples=16, deadline=None, derandomize=True)
 @given(finished=st.booleans(), index=st.integers(0, 10**6), how=st.sampled_from(DAMAGES),
        fraction=st.floats(0, 1), bit=st.integers(0, 7))
@@ -71,14 +84,8 @@ def test_a_damaged_workdir_is_refused_in_one_line_or_resumed_to_the_same_metrics
     if not finished:  # as if killed before its last checkpoint: it resumes inside epoch 2
       (workdir / 'metrics.json').unlink()
       shutil.rmtree(workdir / 'checkpoints' / 'latest' / str(max(latest_steps(workdir))))
-    groups = {}  # each part of the directory equally likely, whatever its number of files
-    for path in sorted(workdir.rglob('*')):
-      if path.is_file() and not (finished and how == 'flip' and path.name == 'metrics.json'):
-        groups.setdefault(group(path.relative_to(workdir)), []).append(path)
-    name = sorted(groups)[index % len(groups)]
-    path = groups[name][index // len(groups) % len(groups[name])]
-    event(f'{how} {name}')
-    damage(path, how, fraction, bit)
+    damage_one(workdir, sorted(workdir.rglob('*')), group, index, how, fraction, bit,
+               skip=lambda path: finished and how == 'flip' and path.name == 'metrics.json')
     try:
       result = train.train_and_evaluate(config, workdir)
     except UserError as error:
@@ -129,16 +136,11 @@ def test_damaged_completion_files_are_refused_in_one_line_or_computed_again_the_
   with tempfile.TemporaryDirectory() as folder:
     workdir = pathlib.Path(folder) / 'run'
     shutil.copytree(original, workdir)
-    groups = {}
-    for path in sorted([*(workdir / completion.CACHE_DIR).rglob('*'),
-                        *(workdir / prior.PRIOR_DIR).rglob('*')]):
-      if path.is_file() and path.name != '.lock' and not (
-          how == 'flip' and path.name == 'metrics.json'):
-        groups.setdefault(completion_group(path.relative_to(workdir)), []).append(path)
-    name = sorted(groups)[index % len(groups)]
-    path = groups[name][index // len(groups) % len(groups[name])]
-    event(f'{how} {name}')
-    damage(path, how, fraction, bit)
+    paths = sorted([*(workdir / completion.CACHE_DIR).rglob('*'),
+                    *(workdir / prior.PRIOR_DIR).rglob('*')])
+    damage_one(workdir, paths, completion_group, index, how, fraction, bit,
+               skip=lambda path: path.name == '.lock' or (
+                   how == 'flip' and path.name == 'metrics.json'))
     try:
       with quick_calibration():
         helper = completion.completer(workdir)

@@ -60,17 +60,20 @@ def reconstruction_columns(images, conds, outputs):
   return columns
 
 
+def lay_out(cells, gap=1, fill=1.0):
+  """Cells (R, K, H, W, C) as one (R * (H + gap) - gap, K * (W + gap) - gap, C) image, rows of
+  cells top to bottom, `fill` in the gaps between them."""
+  rows, columns, height, width, channels = cells.shape
+  cells = np.pad(cells, ((0, 0), (0, 0), (0, gap), (0, gap), (0, 0)), constant_values=fill)
+  grid = cells.transpose(0, 2, 1, 3, 4).reshape(rows * (height + gap), columns * (width + gap),
+                                                channels)
+  return grid[:rows * (height + gap) - gap, :columns * (width + gap) - gap]
+
+
 def tile(columns, gap=1):
   """The columns side by side as one (N * (H + gap) - gap, K * (W + gap) - gap, C) image."""
-  first = columns[0].images
-  rows, height, width, channels = first.shape
-  grid = np.ones((rows * (height + gap) - gap, len(columns) * (width + gap) - gap, channels),
-                 np.float32)
-  for j, column in enumerate(columns):
-    for i, image in enumerate(np.clip(column.images / column.vmax, 0.0, 1.0)):
-      top, left = i * (height + gap), j * (width + gap)
-      grid[top:top + height, left:left + width] = image
-  return grid
+  cells = np.stack([np.clip(column.images / column.vmax, 0.0, 1.0) for column in columns], axis=1)
+  return lay_out(cells.astype(np.float32), gap)
 
 
 def save_image_grid(path, columns, row_titles=()):

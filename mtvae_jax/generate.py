@@ -86,11 +86,8 @@ def image_grid(images, columns):
   rows = -(-num // columns)
   images = np.concatenate([images, np.full((rows * columns - num, height, width, channels), 0.5)])
   images = np.repeat(np.repeat(images, scale, axis=1), scale, axis=2)
-  images = np.pad(images, ((0, 0), (0, 1), (0, 1), (0, 0)), constant_values=0.5)
-  cell_h, cell_w = images.shape[1:3]
-  grid = images.reshape(rows, columns, cell_h, cell_w, channels).transpose(0, 2, 1, 3, 4)
-  grid = np.pad(grid.reshape(rows * cell_h, columns * cell_w, channels),
-                ((1, 0), (1, 0), (0, 0)), constant_values=0.5)
+  grid = figures.lay_out(images.reshape(rows, columns, *images.shape[1:]), fill=0.5)
+  grid = np.pad(grid, ((1, 1), (1, 1), (0, 0)), constant_values=0.5)
   return np.round(255 * np.clip(grid, 0.0, 1.0)).astype(np.uint8)
 
 

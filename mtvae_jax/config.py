@@ -42,8 +42,8 @@ NONFINITE_ACTIONS = ('stop', 'skip')
 MIN_GAUSSIAN_STD = 0.01
 
 
-def base_config(model, method, arg=None):
-  """The config of `model` ('gaussian' | 'vq') trained by `method` ('none' | 'multi' | 'single')."""
+def config_argument(model, arg):
+  """(configuration number, data set name) from a config file's argument, e.g. 'digits,2'."""
   words = [w for w in (arg or '').split(',') if w]
   presets = [int(w) for w in words if w.isdigit()]
   names = [w for w in words if not w.isdigit()]
@@ -54,8 +54,12 @@ def base_config(model, method, arg=None):
   if preset not in PRESETS[model]:
     raise UserError(f'config argument: configuration {preset} is not allowed for model={model}: '
                     f'use one of {", ".join(map(str, PRESETS[model]))}')
-  dataset = names[0] if names else 'digits'
+  return preset, names[0] if names else 'digits'
 
+
+def base_config(model, method, arg=None):
+  """The config of `model` ('gaussian' | 'vq') trained by `method` ('none' | 'multi' | 'single')."""
+  preset, dataset = config_argument(model, arg)
   config = ml_collections.ConfigDict()
   config.model = model
   config.method = method

@@ -83,7 +83,7 @@ def create_prior_state(config, model, grid, key):
     return PriorState.create(apply_fn=model.apply, params=params, tx=tx,
                              batch_stats={}).replace(step=jnp.int32(0))
 
-  return jax.jit(init, out_shardings=parallel.replicated())(key)
+  return parallel.initialise(init, key)
 
 
 def check_checkpoint(workdir, what, hint, again):

@@ -61,7 +61,7 @@ def create_train_state(config, model, image_shape, key):
                              batch_stats=variables.get('batch_stats', {}), tx=tx,
                              balancing=balancing.init(config)).replace(step=jnp.int32(0))
 
-  return jax.jit(init, out_shardings=parallel.replicated())(key)
+  return parallel.initialise(init, key)
 
 
 def loss_terms(state, params, images, conds, key, train):

@@ -123,7 +123,7 @@ class JaxStep:
   def compile(self):
     """Traces and compiles the step; returns the seconds it took."""
     start = time.perf_counter()
-    donate = (0,) if loop.donates_state() else ()
+    donate = (0,) if loop.donates_state(self.state) else ()
     self.compiled = jax.jit(self.step_fn, donate_argnums=donate).lower(
         self.state, self.images, self.key).compile()
     return time.perf_counter() - start

@@ -1,5 +1,5 @@
 """config.train.precision: a bfloat16 train step computes what the float32 one does, within
-bfloat16's rounding, and keeps a float32 state."""
+bfloat16's rounding, and keeps a float32 state; and which states the step donates on a CPU."""
 import functools
 
 import jax
@@ -11,6 +11,7 @@ import pytest
 from conftest import compilations, DIGITS_SHAPE
 import mtvae_jax
 from mtvae_jax import config as config_lib
+from mtvae_jax import loop
 from mtvae_jax import models
 from mtvae_jax import train
 
@@ -64,3 +65,9 @@ def test_unknown_precision_is_one_line_naming_the_choices(make_config):
   with pytest.raises(mtvae_jax.UserError, match=r"^config.train.precision='float16' is not "
                      r'allowed: use one of float32, bfloat16$'):
     config_lib.validate(config)
+
+
+def test_a_cpu_donates_only_a_state_with_a_leaf_above_the_mmap_threshold():
+  small = {'kernel': np.empty(loop.MMAP_THRESHOLD_BYTES // 4, np.float32)}
+  large = dict(small, dense=np.empty(loop.MMAP_THRESHOLD_BYTES // 4 + 1, np.float32))
+  assert (loop.donates_state(small), loop.donates_state(large)) == (False, True)

@@ -1,6 +1,5 @@
 """Model registry: config.model names a builder of a flax module."""
 from mtvae_jax import families
-from mtvae_jax.models import layers
 from mtvae_jax.models.gaussian import GaussianVAE
 from mtvae_jax.models.vq import VQVAE
 
@@ -8,8 +7,7 @@ from mtvae_jax.models.vq import VQVAE
 def _gaussian(config, image_shape):
   return GaussianVAE(image_shape=tuple(image_shape), method=config.method,
                      hidden_sizes=tuple(config.gaussian.hidden_sizes),
-                     latent_dim=config.gaussian.latent_dim, conditioning=config.conditioning,
-                     dtype=layers.PRECISIONS[config.train.precision])
+                     latent_dim=config.gaussian.latent_dim, conditioning=config.conditioning)
 
 
 def _vq(config, image_shape):
@@ -18,8 +16,7 @@ def _vq(config, image_shape):
                num_residual_layers=config.vq.num_residual_layers,
                num_embeddings=config.vq.num_embeddings,
                embedding_dim=config.vq.embedding_dim,
-               commitment_cost=config.vq.commitment_cost, conditioning=config.conditioning,
-               dtype=layers.PRECISIONS[config.train.precision])
+               commitment_cost=config.vq.commitment_cost, conditioning=config.conditioning)
 
 
 MODELS = {'gaussian': _gaussian, 'vq': _vq}

@@ -1,4 +1,5 @@
-"""Command line: python -m experiments.benchmark [--cases=gaussian1,vq2_multi] [--steps=30] [--out=f.json].
+"""Command line: python -m experiments.benchmark [--cases=gaussian1,vq2_multi] [--steps=30]
+[--precision=bfloat16] [--out=f.json].
 
 Times one jitted train step of mtvae_jax against the same step in PyTorch
 (experiments/torch_reference.py; eager, and torch.compile with
@@ -7,9 +8,11 @@ runs on one and PyTorch sees CUDA: Gaussian
 configuration 1 and VQ configuration 2, methods none / multi / single, on
 28x28x1 and 32x32x3 images, and method multi on 64x64x3 images (at most
 LARGE_BATCH_SIZE per step) with each config.conditioning (a case name
-ending in _spatial sets 'spatial'). The steps of the two frameworks
-alternate and each figure is the median over --steps, so a load that comes
-and goes hits both alike. Also reported: the JAX step's compile time from an
+ending in _spatial sets 'spatial'). --precision sets config.train.precision
+of the JAX step and PyTorch's autocast (torch_reference.autocast); in
+bfloat16 the JAX float32 step is timed too, for the speed-up. The steps of
+the frameworks alternate and each figure is the median over --steps, so a
+load that comes and goes hits all alike. Also reported: the JAX step's compile time from an
 empty persistent compilation cache (cold) and from a filled one (cached), and
 the peak host memory of each framework's step. The JAX step runs with the
 XLA_FLAGS that cli.configure_jax sets, as the training command lines do (the
@@ -39,6 +42,7 @@ from mtvae_jax import loop
 from mtvae_jax import methods
 from mtvae_jax import models
 from mtvae_jax import train
+from mtvae_jax.models import layers
 
 MODELS = (('gaussian', 1), ('vq', 2))
 SHAPES = ((28, 28, 1), (32, 32, 3))
@@ -53,6 +57,9 @@ _WARMUP = flags.DEFINE_integer('warmup', 3, 'Untimed steps per framework before 
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 128, 'Images per step.')
 _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch reference (needs .[bench]).')
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile.')
+_PRECISION = flags.DEFINE_string(
+    'precision', 'float32', 'config.train.precision of the JAX step, and the dtype of PyTorch\'s '
+    f'autocast: one of {", ".join(layers.PRECISIONS)}.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results as a JSON list to this file.')
 
 
@@ -76,11 +83,12 @@ def select(patterns):
   return chosen
 
 
-def parse_case(name):
+def parse_case(name, precision='float32'):
   """'vq2_multi_32x32x3' -> (config, (32, 32, 3)); suffix '_spatial': conditioning 'spatial'."""
   family, method, shape, *conditioning = name.split('_')
   config = config_lib.base_config(family[:-1], method, family[-1])
   config.conditioning = conditioning[0] if conditioning else 'dense'
+  config.train.precision = precision
   shape = tuple(int(side) for side in shape.split('x'))
   return config_lib.resolve_for_images(config, shape), shape
 
@@ -115,7 +123,7 @@ class JaxStep:
   def compile(self):
     """Traces and compiles the step; returns the seconds it took."""
     start = time.perf_counter()
-    donate = (0,) if loop.donates_state() else ()
+    donate = (0,) if loop.donates_state(self.state) else ()
     self.compiled = jax.jit(self.step_fn, donate_argnums=donate).lower(
         self.state, self.images, self.key).compile()
     return time.perf_counter() - start
@@ -154,17 +162,20 @@ def median_seconds(runs, steps):
   return [statistics.median(record) for record in times]
 
 
-def run_case(name, steps, warmup, batch_size, use_torch, torch_compile):
+def run_case(name, steps, warmup, batch_size, use_torch, torch_compile, precision='float32'):
   """One case: compile times, then the interleaved timing and memory of each framework."""
-  config, shape = parse_case(name)
+  config, shape = parse_case(name, precision)
   batch_size = min(batch_size, LARGE_BATCH_SIZE) if shape == LARGE_SHAPE else batch_size
   jax_step = JaxStep(config, shape, batch_size)
   cold = jax_step.compile()
   jax.clear_caches()  # drop the in-memory executables: the next compile reads the disk cache
   cached = jax_step.compile()
   runs = {'jax': jax_step}
-  result = {'name': name, 'batch_size': batch_size, 'jax_compile_s': cold,
+  result = {'name': name, 'precision': precision, 'batch_size': batch_size, 'jax_compile_s': cold,
             'jax_cached_compile_s': cached}
+  if precision != 'float32':
+    runs['jax_float32'] = JaxStep(parse_case(name)[0], shape, batch_size)
+    runs['jax_float32'].compile()
   if use_torch:
     runs['torch'] = TorchStep(config, shape, batch_size)
     if torch_compile:
@@ -177,27 +188,47 @@ def run_case(name, steps, warmup, batch_size, use_torch, torch_compile):
   for label, seconds in zip(runs, median_seconds(list(runs.values()), steps)):
     result[f'{label}_step_ms'] = 1000 * seconds
     result[f'{label}_images_per_s'] = batch_size / seconds
-  if use_torch:
-    result['ratio'] = result['jax_images_per_s'] / result['torch_images_per_s']
+  for key, label in RATIOS.items():
+    if f'{label}_images_per_s' in result:
+      result[key] = result['jax_images_per_s'] / result[f'{label}_images_per_s']
   return result
 
 
-def machine(torch_version=None):
-  cpu = platform.processor()
+# /proc/cpuinfo flags of the units that multiply float32 and bfloat16 fastest -> their names.
+CPU_FEATURES = {'avx512f': 'AVX-512', 'avx512_bf16': 'AVX512-BF16', 'amx_bf16': 'AMX-BF16'}
+
+
+def cpu_name():
+  """The CPU's model name and which of CPU_FEATURES it has, e.g. 'AMD EPYC (no AVX-512, ...)'."""
   cpuinfo = pathlib.Path('/proc/cpuinfo')
-  if cpuinfo.exists():
-    cpu = next((line.split(':', 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                if line.startswith('model name')), cpu)
+  if not cpuinfo.exists():
+    return platform.processor()
+  fields = dict(line.split(':', 1) for line in cpuinfo.read_text().split('\n\n')[0].splitlines()
+                if ':' in line)
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  flags = set(fields.get('flags', '').split())
+  features = ', '.join(('' if flag in flags else 'no ') + name
+                       for flag, name in CPU_FEATURES.items())
+  return f'{fields.get("model name", platform.processor())} ({features})'
+
+
+def machine(torch_version=None):
   load = ', '.join(f'{x:.2f}' for x in os.getloadavg())
-  return (f'{cpu}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.devices()[0].device_kind}; '
+  return (f'{cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__} on '
+          f'{jax.devices()[0].device_kind}; '
           + (f'torch {torch_version}; ' if torch_version else '')
           + f'XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r}; load average {load}')
+
+
+# The JAX step's speed over each other run's: ratio column -> run label.
+RATIOS = {'ratio': 'torch', 'compiled_ratio': 'torch_compiled', 'float32_ratio': 'jax_float32'}
 
 
 def table(results):
   columns = [('name', '{}'), ('jax_images_per_s', '{:.0f}'), ('torch_images_per_s', '{:.0f}'),
              ('ratio', '{:.2f}'), ('torch_compiled_images_per_s', '{:.0f}'),
-             ('jax_compile_s', '{:.1f}'), ('jax_cached_compile_s', '{:.1f}'),
+             ('compiled_ratio', '{:.2f}'), ('jax_float32_images_per_s', '{:.0f}'),
+             ('float32_ratio', '{:.2f}'), ('jax_compile_s', '{:.1f}'), ('jax_cached_compile_s', '{:.1f}'),
              ('jax_peak_mib', '{:.0f}'), ('torch_peak_mib', '{:.0f}')]
   columns = [(key, fmt) for key, fmt in columns if any(key in r for r in results)]
   rows = [[key for key, _ in columns]] + [
@@ -219,6 +250,9 @@ def parse_flags(argv):
       cli.fail(f'--{flag.name}={flag.value} is not allowed: use an integer >= 1')
   if _WARMUP.value < 0:
     cli.fail(f'--warmup={_WARMUP.value} is not allowed: use an integer >= 0')
+  if _PRECISION.value not in layers.PRECISIONS:
+    cli.fail(f'--precision={_PRECISION.value} is not allowed: use one of '
+             f'{", ".join(layers.PRECISIONS)}')
   return rest
 
 
@@ -241,7 +275,7 @@ def main(argv):
   results = []
   for name in names:
     results.append(run_case(name, _STEPS.value, _WARMUP.value, _BATCH_SIZE.value,
-                            _TORCH.value, _TORCH_COMPILE.value))
+                            _TORCH.value, _TORCH_COMPILE.value, _PRECISION.value))
     print(table(results[-1:]).splitlines()[-1], flush=True)
   print(table(results))
   if _OUT.value:

@@ -6,7 +6,9 @@ the bottom/right to a multiple of 2**L), the training masks of
 mtvae_jax/masks ('exact' and 'uniform' sampling, the ones the configs use;
 'fixed' and 'power_law' counts) and the loss of mtvae_jax/train.py with the
 fixed weights config.loss.weights (loss.balancing='fixed', the default), with
-AdamW. Tensors are NCHW; flattening goes through NHWC order and submodules
+AdamW. config.train.precision='bfloat16' runs the forward pass and loss under
+torch.autocast in bfloat16 (the quantiser's distances in float32, as in
+mtvae_jax), the parameters and optimizer staying float32. Tensors are NCHW; flattening goes through NHWC order and submodules
 carry the flax parameter tree's names, so `load_flax` copies a flax model's
 variables in one to one (tests/test_torch_reference.py checks that both then
 compute the same). One difference: torch's batch norm keeps the unbiased
@@ -213,6 +215,16 @@ class _VQDecoder(nn.Module):
     return torch.sigmoid(getattr(self, f'ConvTranspose_{self.depth - 1}')(h))
 
 
+# config.train.precision -> torch.autocast's dtype; float32 runs without autocast.
+AUTOCAST_DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16}
+
+
+def autocast(device, precision):
+  """The context in which a forward pass computes in `precision` (AUTOCAST_DTYPES)."""
+  dtype = AUTOCAST_DTYPES[precision]
+  return torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32)
+
+
 class _Quantizer(nn.Module):
 
   def __init__(self, num_embeddings, embedding_dim):
@@ -221,10 +233,12 @@ class _Quantizer(nn.Module):
     self.codebook = nn.Parameter(torch.empty(num_embeddings, embedding_dim).uniform_(-bound, bound))
 
   def forward(self, z_e):
-    """z_e (B, D, h, w) -> straight-through z_q and z_q, each (B, D, h, w)."""
+    """z_e (B, D, h, w) -> straight-through z_q and z_q, each (B, D, h, w), in float32."""
+    z_e = z_e.float()
     flat = z_e.permute(0, 2, 3, 1)
-    distances = (flat.square().sum(-1, keepdim=True) - 2.0 * flat @ self.codebook.T
-                 + self.codebook.square().sum(-1))
+    with autocast(z_e.device.type, 'float32'):
+      distances = (flat.square().sum(-1, keepdim=True) - 2.0 * flat @ self.codebook.T
+                   + self.codebook.square().sum(-1))
     z_q = self.codebook[distances.argmin(-1)].permute(0, 3, 1, 2)
     return z_e + (z_q - z_e).detach(), z_q
 
@@ -342,7 +356,8 @@ class TrainStep:
   """train.train_step in PyTorch: masks, forward, loss, backward, AdamW.
 
   `compile=True` wraps the forward pass and loss in torch.compile; backward
-  and the optimizer stay eager.
+  and the optimizer stay eager. The forward pass and loss run in
+  config.train.precision (`autocast`).
   """
 
   def __init__(self, config, image_shape, compile=False, device='cpu'):  # pylint: disable=redefined-builtin
@@ -350,7 +365,10 @@ class TrainStep:
     self.model = MODELS[config.model](config, image_shape).train().to(device)
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.train.learning_rate,
                                        weight_decay=config.train.weight_decay, eps=1e-8)
-    loss = lambda images: weighted_loss(config, loss_terms(self.model, config, images))
+    def loss(images):
+      with autocast(device, config.train.precision):
+        return weighted_loss(config, loss_terms(self.model, config, images))
+
     self.loss = torch.compile(loss) if compile else loss
 
   def __call__(self, images):

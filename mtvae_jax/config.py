@@ -20,6 +20,7 @@ from mtvae_jax import families
 from mtvae_jax import masks
 from mtvae_jax import methods
 from mtvae_jax.errors import UserError
+from mtvae_jax.models import layers
 
 # The thesis's network configurations (its 3.4.2).
 PRESETS = {
@@ -102,7 +103,8 @@ def base_config(model, method, arg=None):
       softadapt=dict(variant='normalized', scale='coefficients', terms=(), beta=1.0,
                      update_every=10, window=10, total=1.0)))
 
-  config.train = train_config()
+  # train.precision: the dtype of the convolutions and matrix products (layers.PRECISIONS).
+  config.train = train_config(precision='float32')
 
   # Several hosts (mtvae_jax.parallel): unset values ('', 0, -1) come from the environment
   # variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, or the cluster.
@@ -236,6 +238,7 @@ def validate(config):
       'data.num_workers': NATURAL,
       'data.max_images': NATURAL,
       **TRAIN_RULES,
+      'train.precision': one_of(layers.PRECISIONS),
       **{f'loss.weights.{name}': NON_NEGATIVE for name in config.loss.weights},
       'loss.balancing': one_of(balancing.UPDATES),
       'loss.softadapt.variant': one_of(balancing.VARIANTS),

@@ -63,15 +63,23 @@ class Task(NamedTuple):
   grid: Optional[Callable] = None
 
 
-def donates_state():
-  """Whether the jitted train steps donate the state (params, optimizer state) they update.
+# glibc's largest mmap threshold: it maps a buffer above it fresh from the kernel at every
+# allocation, so a new state of such buffers page-faults all of its memory each step.
+MMAP_THRESHOLD_BYTES = 32 * 2**20
 
-  On accelerators, yes: one copy of the state in memory. On CPUs, no: there
-  XLA copies each donated parameter that an input gradient still reads once
-  the parameter's own update is ready, slower than writing the new state to
-  fresh memory.
+
+def donates_state(state):
+  """Whether the jitted train steps donate `state` (params, optimizer state) to its update.
+
+  On accelerators, yes: one copy of the state in memory. On CPUs, only for a
+  state with a leaf above MMAP_THRESHOLD_BYTES (a dense conditioning layer on
+  large images): there XLA copies each donated parameter that an input
+  gradient still reads once the parameter's own update is ready, slower
+  than writing a small state to fresh memory but faster than faulting in
+  fresh pages for a large one.
   """
-  return jax.default_backend() != 'cpu'
+  return jax.default_backend() != 'cpu' or any(
+      leaf.nbytes > MMAP_THRESHOLD_BYTES for leaf in jax.tree.leaves(state))
 
 
 def guarded_step(state, sums, health, batch, key, *, step_fn, on_nonfinite):
@@ -238,7 +246,7 @@ def _set_up(task, config, workdir, num_workers):
   train_config = config.train
   train_fn = jax.jit(functools.partial(guarded_step, step_fn=task.train_step,
                                        on_nonfinite=train_config.on_nonfinite),
-                     donate_argnums=(0, 1, 2) if donates_state() else (1, 2),
+                     donate_argnums=(0, 1, 2) if donates_state(task.state) else (1, 2),
                      out_shardings=parallel.replicated())
   eval_fn = jax.jit(task.eval_step, out_shardings=parallel.replicated())
   _, metric_shapes = jax.eval_shape(task.train_step, task.state,

@@ -18,7 +18,8 @@ def test_cases_cover_both_models_every_method_and_both_shapes():
   config, shape = benchmark.parse_case('vq2_single_32x32x3')
   assert (config.model, config.method, config.vq.num_residual_layers, shape) == (
       'vq', 'single', 2, (32, 32, 3))
-  assert config.conditioning == 'dense'
+  assert (config.conditioning, config.train.precision) == ('dense', 'float32')
+  assert benchmark.parse_case('vq2_single_32x32x3', 'bfloat16')[0].train.precision == 'bfloat16'
 
 
 def test_large_image_cases_cover_both_conditionings():
@@ -40,6 +41,7 @@ def test_case_patterns_select_by_substring_or_glob():
 @pytest.mark.parametrize('args,message', [
     (['--steps=0'], '--steps=0 is not allowed'),
     (['--cases=resnet'], '--cases=resnet matches no case'),
+    (['--precision=float16'], '--precision=float16 is not allowed: use one of float32, bfloat16'),
 ])
 def test_bad_flags_end_with_one_line_and_status_2(args, message):
   result = subprocess.run([sys.executable, '-m', 'experiments.benchmark', *args], cwd=ROOT,

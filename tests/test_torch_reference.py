@@ -77,6 +77,20 @@ def test_exact_masks_are_the_same_grid_and_uniform_masks_have_k_pixels(make_conf
   assert not torch.equal(uniform[0], uniform[1])
 
 
+def test_bfloat16_autocast_step_is_float32_within_rounding_and_keeps_float32_parameters(
+    make_config):
+  images = torch.rand(8, SHAPE[2], *SHAPE[:2])
+  losses, steps = [], []
+  for precision in ('float32', 'bfloat16'):
+    config = make_config('vq', 'multi')
+    config.train.precision = precision
+    torch.manual_seed(0)
+    steps.append(torch_reference.TrainStep(config, SHAPE))
+    losses.append(float(steps[-1](images)))
+  np.testing.assert_allclose(losses[1], losses[0], rtol=1e-2)
+  assert {p.dtype for p in steps[1].model.parameters()} == {torch.float32}
+
+
 def test_torch_train_step_lowers_the_loss(make_config):
   config = make_config('vq', 'multi')
   step = torch_reference.TrainStep(config, SHAPE)

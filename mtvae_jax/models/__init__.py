@@ -1,5 +1,6 @@
 """Model registry: config.model names a builder of a flax module."""
 from mtvae_jax import families
+from mtvae_jax.models import layers
 from mtvae_jax.models.gaussian import GaussianVAE
 from mtvae_jax.models.vq import VQVAE
 
@@ -7,7 +8,8 @@ from mtvae_jax.models.vq import VQVAE
 def _gaussian(config, image_shape):
   return GaussianVAE(image_shape=tuple(image_shape), method=config.method,
                      hidden_sizes=tuple(config.gaussian.hidden_sizes),
-                     latent_dim=config.gaussian.latent_dim, conditioning=config.conditioning)
+                     latent_dim=config.gaussian.latent_dim, conditioning=config.conditioning,
+                     dtype=layers.PRECISIONS[config.train.precision])
 
 
 def _vq(config, image_shape):
@@ -16,7 +18,8 @@ def _vq(config, image_shape):
                num_residual_layers=config.vq.num_residual_layers,
                num_embeddings=config.vq.num_embeddings,
                embedding_dim=config.vq.embedding_dim,
-               commitment_cost=config.vq.commitment_cost, conditioning=config.conditioning)
+               commitment_cost=config.vq.commitment_cost, conditioning=config.conditioning,
+               dtype=layers.PRECISIONS[config.train.precision])
 
 
 MODELS = {'gaussian': _gaussian, 'vq': _vq}

@@ -11,7 +11,7 @@ it. Level j has hidden_sizes[j - 1] // SPATIAL_WIDTH_DIVISOR channels (the
 encoder's width there, scaled down); level 0 is m itself.
 """
 import math
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -22,15 +22,15 @@ from mtvae_jax.models import layers
 SPATIAL_WIDTH_DIVISOR = 4
 
 
-def merge_condition(z, m, shape):
-  """Flatten z and m, concatenate, and map with one dense layer to `shape`.
+def merge_condition(z, m, shape, dtype):
+  """Flatten z and m, concatenate, and map with one dense layer (computing in `dtype`) to `shape`.
 
   z: (B, ...), m: (B, H, W, 1 + C) or None -> (B, *shape). Call inside a
   compact method: the dense layer belongs to the calling module.
   """
   batch = z.shape[0]
   inputs = [z.reshape(batch, -1)] + ([] if m is None else [m.reshape(batch, -1)])
-  return layers.Dense(math.prod(shape))(*inputs).reshape(batch, *shape)
+  return layers.Dense(math.prod(shape), dtype=dtype)(*inputs).reshape(batch, *shape)
 
 
 def spatial_widths(hidden_sizes):
@@ -46,37 +46,39 @@ class SpatialCondition(nn.Module):
   LeakyReLU of level j - 1, with widths[j - 1] channels.
   """
   widths: Sequence[int]
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, m, first_grid):
     h = layers.pad_to(m, *(side << len(self.widths) for side in first_grid))
     levels = {h.shape[1:3]: h}
     for width in self.widths:
-      h = layers.leaky_relu(layers.down(width, 3)(h))
+      h = layers.leaky_relu(layers.down(width, 3, self.dtype)(h))
       levels[h.shape[1:3]] = h
     return levels
 
 
-def spatial_levels(m, conditioning, hidden_sizes, first_grid):
+def spatial_levels(m, conditioning, hidden_sizes, first_grid, dtype):
   """m's features on every grid for `attach` ('spatial' and m given), else None."""
   if conditioning != 'spatial' or m is None:
     return None
-  return SpatialCondition(spatial_widths(hidden_sizes))(m, tuple(first_grid))
+  return SpatialCondition(spatial_widths(hidden_sizes), dtype)(m, tuple(first_grid))
 
 
-def first_grid(z, m, conditioning, hidden_sizes, shape):
+def first_grid(z, m, conditioning, hidden_sizes, shape, dtype):
   """The decoder's input on its first grid, and m's features for its later grids.
 
   z: (B, ...), m: (B, H, W, 1 + C) or None, shape: (h, w, c) of the first
   grid. One dense layer maps z (and m, for 'dense') to the grid, except where
   z already has its shape and no m joins it there (a VQ decoder's z_q); for
   'spatial', m's features are attached. Returns (B, h, w, c [+ m's]) and the
-  levels for `attach` (None without spatial m). Call inside a compact method:
-  the layers belong to the calling module.
+  levels for `attach` (None without spatial m). The layers compute in `dtype`.
+  Call inside a compact method: the layers belong to the calling module.
   """
   dense_m = m if conditioning == 'dense' else None
-  h = z if dense_m is None and z.shape[1:] == tuple(shape) else merge_condition(z, dense_m, shape)
-  levels = spatial_levels(m, conditioning, hidden_sizes, shape[:2])
+  h = (z if dense_m is None and z.shape[1:] == tuple(shape)
+       else merge_condition(z, dense_m, shape, dtype))
+  levels = spatial_levels(m, conditioning, hidden_sizes, shape[:2], dtype)
   return attach(h, levels), levels
 
 
@@ -87,10 +89,11 @@ def attach(h, levels):
   return jnp.concatenate([h, levels[h.shape[1:3]]], axis=-1)
 
 
-def upsample(h, levels, widths, kernel, train):
-  """One stride-2 `up` with batch norm and LeakyReLU per width in `widths`, m's features (levels)
-  attached after each: the decoders' path to the image. Call inside a compact method."""
+def upsample(h, levels, widths, kernel, train, dtype):
+  """One stride-2 `up` (computing in `dtype`) with batch norm and LeakyReLU per width in
+  `widths`, m's features (levels) attached after each: the decoders' path to the image. Call
+  inside a compact method."""
   for features in widths:
-    h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, kernel)(h)))
+    h = layers.leaky_relu(layers.batch_norm(train)(layers.up(features, kernel, dtype)(h)))
     h = attach(h, levels)
   return h

@@ -1,5 +1,5 @@
 """Gaussian VAE (thesis 2.1.2) with optional conditioned decoder (3.2, 3.3)."""
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -16,13 +16,15 @@ class Encoder(nn.Module):
   """(B, H, W, C) -> mean, log-variance, each (B, latent_dim)."""
   hidden_sizes: Sequence[int]
   latent_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train):
     for features in self.hidden_sizes:
-      x = layers.leaky_relu(layers.batch_norm(train)(layers.down(features, 3)(x)))
+      x = layers.leaky_relu(layers.batch_norm(train)(layers.down(features, 3, self.dtype)(x)))
     x = x.reshape(x.shape[0], -1)
-    return nn.Dense(self.latent_dim)(x), nn.Dense(self.latent_dim)(x)
+    dense = lambda: layers.Dense(self.latent_dim, dtype=self.dtype)
+    return dense()(x), dense()(x)
 
 
 class Decoder(nn.Module):
@@ -35,14 +37,15 @@ class Decoder(nn.Module):
   start: Sequence[int]          # (h, w) of the smallest grid
   out_channels: int
   conditioning: str = 'dense'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z, m=None, *, train):
     h, levels = conditioning.first_grid(z, m, self.conditioning, self.hidden_sizes,
-                                        (*self.start, self.hidden_sizes[-1]))
+                                        (*self.start, self.hidden_sizes[-1]), self.dtype)
     widths = (*reversed(self.hidden_sizes[:-1]), self.hidden_sizes[0])
-    h = conditioning.upsample(h, levels, widths, 3, train)
-    return nn.sigmoid(layers.Conv(self.out_channels, 3)(h))
+    h = conditioning.upsample(h, levels, widths, 3, train, self.dtype)
+    return nn.sigmoid(layers.Conv(self.out_channels, 3, dtype=self.dtype)(h))
 
 
 class GaussianVAE(base.MultitaskAutoencoder):
@@ -50,13 +53,15 @@ class GaussianVAE(base.MultitaskAutoencoder):
   hidden_sizes: Sequence[int]
   latent_dim: int
   conditioning: str = 'dense'   # how cond_decoder takes in m: conditioning.CONDITIONINGS
+  dtype: Any = jnp.float32      # of the convolutions and matrix products: layers.PRECISIONS
 
   def setup(self):
     channels = self.image_shape[-1]
     self.padded, start = self.grids(len(self.hidden_sizes))
-    self.encoder = Encoder(self.hidden_sizes, self.latent_dim)
+    self.encoder = Encoder(self.hidden_sizes, self.latent_dim, self.dtype)
     for name in methods.METHODS[self.method].decoders:  # m reaches only methods.CONDITIONED
-      setattr(self, name, Decoder(self.hidden_sizes, start, channels, self.conditioning))
+      setattr(self, name, Decoder(self.hidden_sizes, start, channels, self.conditioning,
+                                  self.dtype))
 
   def encode(self, x, key, *, train):
     """Returns z (B, latent_dim), drawn by reparameterisation, and the KL term."""

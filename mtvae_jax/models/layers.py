@@ -18,6 +18,8 @@ still (BENCHMARKS.md): there a convolution is a matrix product of the
 image's patches (`conv_by_matmul`), whose plain derivatives are matrix
 products too.
 """
+from typing import Any
+
 import flax.linen as nn
 import jax
 from jax.custom_derivatives import SymbolicZero
@@ -29,6 +31,9 @@ LEAKY_SLOPE = 0.01
 # their own, as XLA's kernels are slow for so few channels.
 IMAGE_CHANNELS = 4
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
+# config.train.precision -> the dtype the layers' convolutions and matrix products compute in;
+# parameters, the other operations and the losses stay float32.
+PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def leaky_relu(x):
@@ -40,14 +45,24 @@ def batch_norm(train):
   return nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5)
 
 
-def down(features, kernel):
+def down(features, kernel, dtype=jnp.float32):
   """Stride-2 convolution: (B, 2h, 2w, c) -> (B, h, w, features)."""
-  return Conv(features, kernel, stride=2)
+  return Conv(features, kernel, stride=2, dtype=dtype)
 
 
-def up(features, kernel):
+def up(features, kernel, dtype=jnp.float32):
   """Stride-2 transposed convolution: (B, h, w, c) -> (B, 2h, 2w, features)."""
-  return ConvTranspose(features, kernel)
+  return ConvTranspose(features, kernel, dtype=dtype)
+
+
+def computed_in(dtype, f, *args):
+  """f(*args) on the arrays of `args` cast to `dtype`, the result cast back to their dtype.
+
+  A layer's product runs in its computation dtype while parameters and
+  activations keep theirs; in float32 the casts are no-ops.
+  """
+  result_type = jnp.result_type(*jax.tree.leaves(args))
+  return f(*jax.tree.map(lambda a: a.astype(dtype), args)).astype(result_type)
 
 
 def up_padding(kernel):
@@ -278,17 +293,19 @@ class Conv(nn.Module):
   """nn.Conv(features, (k, k), strides=stride, padding=(k - 1) // 2), computed by `conv`.
 
   The same parameters, initialisers and class name as nn.Conv, so parameter
-  paths stay Conv_<i>.
+  paths stay Conv_<i>; the convolution computes in `dtype` (computed_in).
   """
   features: int
   kernel_size: int
   stride: int = 1
   use_bias: bool = True
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
-    y = conv(x, self.param('kernel', nn.initializers.lecun_normal(), shape), self.stride)
+    kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
+    y = computed_in(self.dtype, lambda x, kernel: conv(x, kernel, self.stride), x, kernel)
     if self.use_bias:
       y = y + self.param('bias', nn.initializers.zeros_init(), (self.features,))
     return y
@@ -298,28 +315,31 @@ class ConvTranspose(nn.Module):
   """nn.ConvTranspose(features, (k, k), strides=2, padding=up_padding(k)), by phases.
 
   The same parameters (kernel (k, k, c, features), bias), initialisers and
-  class name as nn.ConvTranspose, so parameter paths stay ConvTranspose_<i>.
+  class name as nn.ConvTranspose, so parameter paths stay ConvTranspose_<i>;
+  the convolution computes in `dtype` (computed_in).
   """
   features: int
   kernel_size: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     shape = (self.kernel_size, self.kernel_size, x.shape[-1], self.features)
     kernel = self.param('kernel', nn.initializers.lecun_normal(), shape)
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    if _small(x, kernel[::2, ::2]):  # phases by conv_by_matmul, whose own derivatives are fast
-      return conv_transpose_by_phases(x, kernel) + bias
-    return conv_up(x, kernel) + bias
+    # On a grid smaller than the kernel, phases by conv_by_matmul, whose own derivatives are fast.
+    transpose = conv_transpose_by_phases if _small(x, kernel[::2, ::2]) else conv_up
+    return computed_in(self.dtype, transpose, x, kernel) + bias
 
 
 class ResidualLayer(nn.Module):
   """x + conv1x1(relu(conv3x3(x))), the VQ-VAE paper's residual block."""
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    h = nn.relu(Conv(x.shape[-1], 3, use_bias=False)(x))
-    return x + Conv(x.shape[-1], 1, use_bias=False)(h)
+    h = nn.relu(Conv(x.shape[-1], 3, use_bias=False, dtype=self.dtype)(x))
+    return x + Conv(x.shape[-1], 1, use_bias=False, dtype=self.dtype)(h)
 
 
 @jax.custom_jvp
@@ -354,16 +374,17 @@ class Dense(nn.Module):
 
   inputs: arrays (B, n_i) -> (B, features). The same parameters (kernel
   (sum n_i, features), bias), initialisers and class name as nn.Dense, so
-  parameter paths stay Dense_<i>.
+  parameter paths stay Dense_<i>; the product computes in `dtype` (computed_in).
   """
   features: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, *inputs):
     width = sum(x.shape[-1] for x in inputs)
     kernel = self.param('kernel', nn.initializers.lecun_normal(), (width, self.features))
     bias = self.param('bias', nn.initializers.zeros_init(), (self.features,))
-    return concat_matmul(inputs, kernel) + bias
+    return computed_in(self.dtype, concat_matmul, inputs, kernel) + bias
 
 
 def padded_side(side, num_down):

@@ -1,5 +1,5 @@
 """VQ-VAE (thesis 2.2) with optional conditioned decoder (3.2.3, 3.3.3)."""
-from typing import Sequence
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -17,16 +17,17 @@ class Encoder(nn.Module):
   hidden_sizes: Sequence[int]
   num_residual_layers: int
   embedding_dim: int
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, x, *, train):
     for features in self.hidden_sizes:
-      x = layers.leaky_relu(layers.batch_norm(train)(layers.down(features, 4)(x)))
-    x = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(x))
+      x = layers.leaky_relu(layers.batch_norm(train)(layers.down(features, 4, self.dtype)(x)))
+    x = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3, dtype=self.dtype)(x))
     for _ in range(self.num_residual_layers):
-      x = layers.ResidualLayer()(x)
+      x = layers.ResidualLayer(self.dtype)(x)
     x = layers.leaky_relu(x)
-    return layers.leaky_relu(layers.Conv(self.embedding_dim, 1)(x))
+    return layers.leaky_relu(layers.Conv(self.embedding_dim, 1, dtype=self.dtype)(x))
 
 
 class VectorQuantizer(nn.Module):
@@ -77,16 +78,19 @@ class Decoder(nn.Module):
   num_residual_layers: int
   out_channels: int
   conditioning: str = 'dense'
+  dtype: Any = jnp.float32
 
   @nn.compact
   def __call__(self, z_q, m=None, *, train):
-    h, levels = conditioning.first_grid(z_q, m, self.conditioning, self.hidden_sizes, z_q.shape[1:])
-    h = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3)(h))
+    h, levels = conditioning.first_grid(z_q, m, self.conditioning, self.hidden_sizes,
+                                        z_q.shape[1:], self.dtype)
+    h = layers.leaky_relu(layers.Conv(self.hidden_sizes[-1], 3, dtype=self.dtype)(h))
     for _ in range(self.num_residual_layers):
-      h = layers.ResidualLayer()(h)
+      h = layers.ResidualLayer(self.dtype)(h)
     h = layers.leaky_relu(h)
-    h = conditioning.upsample(h, levels, tuple(reversed(self.hidden_sizes[:-1])), 4, train)
-    return nn.sigmoid(layers.up(self.out_channels, 4)(h))
+    h = conditioning.upsample(h, levels, tuple(reversed(self.hidden_sizes[:-1])), 4, train,
+                              self.dtype)
+    return nn.sigmoid(layers.up(self.out_channels, 4, self.dtype)(h))
 
 
 class VQVAE(base.MultitaskAutoencoder):
@@ -97,15 +101,19 @@ class VQVAE(base.MultitaskAutoencoder):
   embedding_dim: int
   commitment_cost: float
   conditioning: str = 'dense'   # how cond_decoder takes in m: conditioning.CONDITIONINGS
+  # Of the convolutions and matrix products (layers.PRECISIONS); the quantiser's distances and
+  # lookup stay float32.
+  dtype: Any = jnp.float32
 
   def setup(self):
     channels = self.image_shape[-1]
     self.padded, _ = self.grids(len(self.hidden_sizes))
-    self.encoder = Encoder(self.hidden_sizes, self.num_residual_layers, self.embedding_dim)
+    self.encoder = Encoder(self.hidden_sizes, self.num_residual_layers, self.embedding_dim,
+                           self.dtype)
     self.quantizer = VectorQuantizer(self.num_embeddings, self.embedding_dim)
     for name in methods.METHODS[self.method].decoders:  # m reaches only methods.CONDITIONED
       setattr(self, name, Decoder(self.hidden_sizes, self.num_residual_layers, channels,
-                                  self.conditioning))
+                                  self.conditioning, self.dtype))
 
   def encode(self, x, key=None, *, train):
     """Returns the straight-through z_q (B, h, w, D) and the VQ loss term."""

@@ -42,7 +42,6 @@ from mtvae_jax import loop
 from mtvae_jax import methods
 from mtvae_jax import models
 from mtvae_jax import train
-from mtvae_jax.models import layers
 
 MODELS = (('gaussian', 1), ('vq', 2))
 SHAPES = ((28, 28, 1), (32, 32, 3))
@@ -59,7 +58,7 @@ _TORCH = flags.DEFINE_bool('torch', True, 'Time the PyTorch reference (needs .[b
 _TORCH_COMPILE = flags.DEFINE_bool('torch_compile', False, 'Also time torch.compile.')
 _PRECISION = flags.DEFINE_string(
     'precision', 'float32', 'config.train.precision of the JAX step, and the dtype of PyTorch\'s '
-    f'autocast: one of {", ".join(layers.PRECISIONS)}.')
+    f'autocast: one of {", ".join(config_lib.PRECISIONS)}.')
 _OUT = flags.DEFINE_string('out', None, 'Write the results as a JSON list to this file.')
 
 
@@ -250,9 +249,9 @@ def parse_flags(argv):
       cli.fail(f'--{flag.name}={flag.value} is not allowed: use an integer >= 1')
   if _WARMUP.value < 0:
     cli.fail(f'--warmup={_WARMUP.value} is not allowed: use an integer >= 0')
-  if _PRECISION.value not in layers.PRECISIONS:
+  if _PRECISION.value not in config_lib.PRECISIONS:
     cli.fail(f'--precision={_PRECISION.value} is not allowed: use one of '
-             f'{", ".join(layers.PRECISIONS)}')
+             f'{", ".join(config_lib.PRECISIONS)}')
   return rest
 
 

@@ -20,7 +20,6 @@ from mtvae_jax import families
 from mtvae_jax import masks
 from mtvae_jax import methods
 from mtvae_jax.errors import UserError
-from mtvae_jax.models import layers
 
 # The thesis's network configurations (its 3.4.2).
 PRESETS = {
@@ -38,6 +37,9 @@ PRESETS = {
 GRID_NUM_PIXELS = -1
 # What a non-finite loss does: stop training, or leave the batch out and count it.
 NONFINITE_ACTIONS = ('stop', 'skip')
+# train.precision: the dtype the layers' convolutions and matrix products compute in; parameters,
+# optimizer state and losses stay float32.
+PRECISIONS = ('float32', 'bfloat16')
 # The smallest mask.gaussian_std: there the masks are already the few centre pixels, and far
 # below it their weights underflow to zero.
 MIN_GAUSSIAN_STD = 0.01
@@ -103,7 +105,6 @@ def base_config(model, method, arg=None):
       softadapt=dict(variant='normalized', scale='coefficients', terms=(), beta=1.0,
                      update_every=10, window=10, total=1.0)))
 
-  # train.precision: the dtype of the convolutions and matrix products (layers.PRECISIONS).
   config.train = train_config(precision='float32')
 
   # Several hosts (mtvae_jax.parallel): unset values ('', 0, -1) come from the environment
@@ -238,7 +239,7 @@ def validate(config):
       'data.num_workers': NATURAL,
       'data.max_images': NATURAL,
       **TRAIN_RULES,
-      'train.precision': one_of(layers.PRECISIONS),
+      'train.precision': one_of(PRECISIONS),
       **{f'loss.weights.{name}': NON_NEGATIVE for name in config.loss.weights},
       'loss.balancing': one_of(balancing.UPDATES),
       'loss.softadapt.variant': one_of(balancing.VARIANTS),

@@ -14,16 +14,17 @@ from mtvae_jax import models
 from mtvae_jax.models import layers
 
 
-def plain_up(features, kernel):
+def plain_up(features, kernel, dtype=jnp.float32):
   """`up` as flax's lhs-dilated transposed convolution."""
   padding = layers.up_padding(kernel)
-  return nn.ConvTranspose(features, (kernel, kernel), strides=(2, 2), padding=(padding, padding))
+  return nn.ConvTranspose(features, (kernel, kernel), strides=(2, 2), padding=(padding, padding),
+                          dtype=dtype)
 
 
-def plain_conv(features, kernel, stride=1, use_bias=True):
+def plain_conv(features, kernel, stride=1, use_bias=True, dtype=jnp.float32):
   """layers.Conv as flax's convolution."""
   return nn.Conv(features, (kernel, kernel), strides=stride, padding=(kernel - 1) // 2,
-                 use_bias=use_bias)
+                 use_bias=use_bias, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -74,9 +75,9 @@ def test_conv_has_the_parameters_and_derivatives_of_flax_conv(kernel, stride, us
                      (3, grid[0] // stride, grid[1] // stride, features))
 
 
-def plain_dense(features):
+def plain_dense(features, dtype=jnp.float32):
   """layers.Dense as flax's nn.Dense on the concatenated inputs (inside a compact method)."""
-  return lambda *inputs: nn.Dense(features)(jnp.concatenate(inputs, axis=-1))
+  return lambda *inputs: nn.Dense(features, dtype=dtype)(jnp.concatenate(inputs, axis=-1))
 
 
 class DenseOfTwo(nn.Module):

@@ -1,6 +1,7 @@
 """Model registry: config.model names a builder of a flax module."""
+import jax.numpy as jnp
+
 from mtvae_jax import families
-from mtvae_jax.models import layers
 from mtvae_jax.models.gaussian import GaussianVAE
 from mtvae_jax.models.vq import VQVAE
 
@@ -9,7 +10,7 @@ def _gaussian(config, image_shape):
   return GaussianVAE(image_shape=tuple(image_shape), method=config.method,
                      hidden_sizes=tuple(config.gaussian.hidden_sizes),
                      latent_dim=config.gaussian.latent_dim, conditioning=config.conditioning,
-                     dtype=layers.PRECISIONS[config.train.precision])
+                     dtype=jnp.dtype(config.train.precision))
 
 
 def _vq(config, image_shape):
@@ -19,7 +20,7 @@ def _vq(config, image_shape):
                num_embeddings=config.vq.num_embeddings,
                embedding_dim=config.vq.embedding_dim,
                commitment_cost=config.vq.commitment_cost, conditioning=config.conditioning,
-               dtype=layers.PRECISIONS[config.train.precision])
+               dtype=jnp.dtype(config.train.precision))
 
 
 MODELS = {'gaussian': _gaussian, 'vq': _vq}

@@ -53,7 +53,7 @@ class GaussianVAE(base.MultitaskAutoencoder):
   hidden_sizes: Sequence[int]
   latent_dim: int
   conditioning: str = 'dense'   # how cond_decoder takes in m: conditioning.CONDITIONINGS
-  dtype: Any = jnp.float32      # of the convolutions and matrix products: layers.PRECISIONS
+  dtype: Any = jnp.float32      # of the convolutions and matrix products: config.PRECISIONS
 
   def setup(self):
     channels = self.image_shape[-1]

@@ -31,9 +31,6 @@ LEAKY_SLOPE = 0.01
 # their own, as XLA's kernels are slow for so few channels.
 IMAGE_CHANNELS = 4
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
-# config.train.precision -> the dtype the layers' convolutions and matrix products compute in;
-# parameters, the other operations and the losses stay float32.
-PRECISIONS = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def leaky_relu(x):

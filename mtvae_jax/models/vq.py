@@ -101,7 +101,7 @@ class VQVAE(base.MultitaskAutoencoder):
   embedding_dim: int
   commitment_cost: float
   conditioning: str = 'dense'   # how cond_decoder takes in m: conditioning.CONDITIONINGS
-  # Of the convolutions and matrix products (layers.PRECISIONS); the quantiser's distances and
+  # Of the convolutions and matrix products (config.PRECISIONS); the quantiser's distances and
   # lookup stay float32.
   dtype: Any = jnp.float32
 

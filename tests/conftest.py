@@ -102,6 +102,30 @@ def compilations():
     logging.getLogger('jax').removeHandler(handler)
 
 
+# The completion's calibration in tests: the same code on fewer validation images.
+QUICK_CALIBRATION = {'CALIBRATION_IMAGES': 16, 'NOISE_IMAGES': 128}
+
+
+@contextlib.contextmanager
+def quick_calibration():
+  """Completers made inside the block calibrate as QUICK_CALIBRATION says."""
+  from mtvae_jax.completion import calibration  # pylint: disable=import-outside-toplevel
+  with pytest.MonkeyPatch.context() as patch:
+    for name, value in QUICK_CALIBRATION.items():
+      patch.setattr(calibration, name, value)
+    yield
+
+
+def run_quickly_calibrated(module, *args):
+  """python -m <module> <args> as a user runs it, calibrating as QUICK_CALIBRATION says (so it
+  reuses the completion cache of a run calibrated under quick_calibration)."""
+  code = ('import runpy; from mtvae_jax.completion import calibration; '
+          f'vars(calibration).update({QUICK_CALIBRATION!r}); '
+          f'runpy.run_module({module!r}, run_name="__main__", alter_sys=True)')
+  return subprocess.run([sys.executable, '-c', code, *map(str, args)], cwd=ROOT,
+                        capture_output=True, text=True, timeout=600, env=device_env())
+
+
 def run_main(*args, devices=None):
   """python -m experiments.main with `args`, from the repository root, as a user runs it;
   with `devices`, on that many CPU devices."""

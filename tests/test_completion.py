@@ -8,8 +8,6 @@ import json
 import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -17,7 +15,7 @@ import pytest
 import scipy.stats
 from PIL import Image
 
-from conftest import device_env, small_config
+from conftest import quick_calibration, run_quickly_calibrated, small_config
 import mtvae_jax
 from mtvae_jax import completion
 from mtvae_jax import masks
@@ -26,9 +24,14 @@ from mtvae_jax.completion import benchmark as sparse_benchmark
 from mtvae_jax.completion import io as completion_io
 from mtvae_jax.errors import UserError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 SETTINGS = completion.Settings(num_proposals=64, num_steps=8, neighbours=64)
 NUM_SAMPLES = 8
+
+
+@pytest.fixture(scope='module', autouse=True)
+def calibrated_quickly():
+  with quick_calibration():
+    yield
 
 
 def train_run(workdir, model, method, num_epochs):
@@ -269,18 +272,13 @@ def test_bad_inputs_are_refused_naming_what_fits(values_shape, mask_shape, chang
     completion.check_inputs(values, mask, (8, 8, 1))
 
 
-def run_cli(module, *args):
-  return subprocess.run([sys.executable, '-m', module, *map(str, args)], cwd=ROOT,
-                        capture_output=True, text=True, timeout=600, env=device_env())
-
-
 def test_complete_cli_writes_the_arrays_and_the_panel(gaussian_run, tmp_path):
   workdir, helper = gaussian_run
   truth = np.asarray(helper.run.splits.test[:2])
   mask = np.zeros((2, 8, 8))
   mask[:, 1::3, 1::2] = 1
   np.savez(tmp_path / 'in.npz', values=np.where(mask[..., None] > 0, truth, np.nan), mask=mask)
-  result = run_cli('experiments.complete', f'--workdir={workdir}', f'--input={tmp_path}/in.npz',
+  result = run_quickly_calibrated('experiments.complete', f'--workdir={workdir}', f'--input={tmp_path}/in.npz',
                    f'--output={tmp_path}/out.npz', '--num_samples=4', '--method=prior')
   assert result.returncode == 0, result.stderr
   with np.load(tmp_path / 'out.npz') as out:
@@ -368,7 +366,7 @@ def test_a_new_prior_makes_the_completion_cache_anew(vq_run, tmp_path):
 def test_complete_cli_reports_a_bad_input_in_one_line(gaussian_run, tmp_path):
   workdir, _ = gaussian_run
   source, _ = bad_input(tmp_path, 'empty')
-  result = run_cli('experiments.complete', f'--workdir={workdir}', f'--input={source}',
+  result = run_quickly_calibrated('experiments.complete', f'--workdir={workdir}', f'--input={source}',
                    f'--output={tmp_path}/out.npz')
   assert result.returncode == 2
   assert result.stderr.strip() == 'error: mask of image 0 observes no pixel: observe at least one'
@@ -408,6 +406,6 @@ def test_sparse_benchmark_writes_the_documented_layout(gaussian_run):
 ])
 def test_sparse_benchmark_cli_refuses_bad_flags_in_one_line(gaussian_run, flags, message):
   workdir, _ = gaussian_run
-  result = run_cli('experiments.sparse_benchmark', f'--workdir={workdir}', *flags)
+  result = run_quickly_calibrated('experiments.sparse_benchmark', f'--workdir={workdir}', *flags)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [f'error: {message}']

@@ -7,7 +7,6 @@ with the calibration and the prior's samples of the undamaged run.
 
 metrics.json of a finished run is the result itself and has no checksum: its bits are left alone.
 """
-import contextlib
 import json
 import pathlib
 import shutil
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 
 from conftest import latest_steps
+from conftest import quick_calibration
 from conftest import small_config
 from mtvae_jax import completion
-from mtvae_jax.completion import calibration as completion_calibration
 from mtvae_jax import prior
 from mtvae_jax import train
 from mtvae_jax.errors import UserError
@@ -95,15 +94,6 @@ def test_a_damaged_workdir_is_refused_in_one_line_or_resumed_to_the_same_metrics
     event('same metrics')
     assert result == metrics
     assert json.loads((workdir / 'metrics.json').read_text()) == metrics
-
-
-@contextlib.contextmanager
-def quick_calibration():
-  """The completion calibrated on a few validation images: the same code, less compute."""
-  with pytest.MonkeyPatch.context() as patch:
-    patch.setattr(completion_calibration, 'CALIBRATION_IMAGES', 12)
-    patch.setattr(completion_calibration, 'NOISE_IMAGES', 64)
-    yield
 
 
 @pytest.fixture(scope='module')

@@ -157,11 +157,10 @@ def pytest_configure(config):
 
   With the setup of experiments.cli (XLA_FLAGS among it), a run in a test
   computes the same numbers as the same run from a command line with the
-  suite's environment. Many tests
-  compile the same small programs; each compiles once per session. The
-  controller makes the folder before xdist starts its workers, which inherit
-  the environment; it is removed at the end. A JAX_COMPILATION_CACHE_DIR set
-  by the user is kept (and not removed).
+  suite's environment. Many tests compile the same small programs; each
+  compiles once per session. The controller makes the folder before xdist
+  starts its workers, which inherit the environment; it is removed at the end.
+  A JAX_COMPILATION_CACHE_DIR set by the user is kept (and not removed).
   """
   if hasattr(config, 'workerinput'):
     return

@@ -30,6 +30,7 @@ NUM_SAMPLES = 8
 
 @pytest.fixture(scope='module', autouse=True)
 def calibrated_quickly():
+  """Every completer of the module calibrates on conftest.QUICK_CALIBRATION's few images."""
   with quick_calibration():
     yield
 
@@ -278,8 +279,9 @@ def test_complete_cli_writes_the_arrays_and_the_panel(gaussian_run, tmp_path):
   mask = np.zeros((2, 8, 8))
   mask[:, 1::3, 1::2] = 1
   np.savez(tmp_path / 'in.npz', values=np.where(mask[..., None] > 0, truth, np.nan), mask=mask)
-  result = run_quickly_calibrated('experiments.complete', f'--workdir={workdir}', f'--input={tmp_path}/in.npz',
-                   f'--output={tmp_path}/out.npz', '--num_samples=4', '--method=prior')
+  result = run_quickly_calibrated('experiments.complete', f'--workdir={workdir}',
+                                  f'--input={tmp_path}/in.npz', f'--output={tmp_path}/out.npz',
+                                  '--num_samples=4', '--method=prior')
   assert result.returncode == 0, result.stderr
   with np.load(tmp_path / 'out.npz') as out:
     assert out['samples'].shape == (2, 4, 8, 8, 1)
@@ -366,8 +368,8 @@ def test_a_new_prior_makes_the_completion_cache_anew(vq_run, tmp_path):
 def test_complete_cli_reports_a_bad_input_in_one_line(gaussian_run, tmp_path):
   workdir, _ = gaussian_run
   source, _ = bad_input(tmp_path, 'empty')
-  result = run_quickly_calibrated('experiments.complete', f'--workdir={workdir}', f'--input={source}',
-                   f'--output={tmp_path}/out.npz')
+  result = run_quickly_calibrated('experiments.complete', f'--workdir={workdir}',
+                                  f'--input={source}', f'--output={tmp_path}/out.npz')
   assert result.returncode == 2
   assert result.stderr.strip() == 'error: mask of image 0 observes no pixel: observe at least one'
 

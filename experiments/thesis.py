@@ -24,6 +24,7 @@ from ml_collections import config_flags
 from experiments import cli
 import mtvae_jax
 from mtvae_jax import families
+from mtvae_jax.thesis import executors
 from mtvae_jax.thesis import report as thesis_report
 from mtvae_jax.thesis import runs as thesis
 
@@ -109,15 +110,15 @@ def main(argv):
     if _DRY_RUN.value:
       dry_run(commands, runs)
       return
-    with thesis.locked(workdir) as lock:
+    with executors.locked(workdir) as lock:
       thesis.record(commands, workdir)
       pending = thesis.pending(runs)
       done = [run for run in runs if thesis.status(run) == 'done']
       print(f'{len(done)} of {len(runs)} runs done, {len(pending)} to run')
       if _EXECUTOR.value == 'local':
-        failures = thesis.run_local(pending, _PARALLEL.value, pass_fds=(lock,))
+        failures = executors.run_local(pending, _PARALLEL.value, pass_fds=(lock,))
       else:
-        failures = thesis.run_submitit(
+        failures = executors.run_submitit(
             pending, workdir, _CLUSTER.value, _PARTITION.value, _TIME.value, _GPUS.value,
             _ARRAY.value, _CPUS.value)
       network = {model for model in families.FAMILIES

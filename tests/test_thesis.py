@@ -15,6 +15,7 @@ from conftest import device_env
 from conftest import ROOT
 from configs import thesis as thesis_grid
 import mtvae_jax
+from mtvae_jax.thesis import executors
 from mtvae_jax.thesis import report as thesis_report
 from mtvae_jax.thesis import runs as thesis
 from mtvae_jax.thesis import stats
@@ -133,13 +134,13 @@ def test_pending_runs_start_fold_by_fold_so_that_later_folds_read_the_compilatio
 
 def test_slots_spread_processes_over_the_gpus():
   shared = {'XLA_PYTHON_CLIENT_PREALLOCATE': 'false'}
-  assert thesis.slots(3, ['4', '7']) == [{'CUDA_VISIBLE_DEVICES': '4', **shared},
+  assert executors.slots(3, ['4', '7']) == [{'CUDA_VISIBLE_DEVICES': '4', **shared},
                                          {'CUDA_VISIBLE_DEVICES': '7', **shared},
                                          {'CUDA_VISIBLE_DEVICES': '4', **shared}]
-  assert thesis.slots(2, ['4', '7']) == [{'CUDA_VISIBLE_DEVICES': '4'},
+  assert executors.slots(2, ['4', '7']) == [{'CUDA_VISIBLE_DEVICES': '4'},
                                          {'CUDA_VISIBLE_DEVICES': '7'}]
-  assert thesis.slots(2, ['0']) == [shared, shared]
-  assert thesis.slots(2, []) == [{}, {}]
+  assert executors.slots(2, ['0']) == [shared, shared]
+  assert executors.slots(2, []) == [{}, {}]
 
 
 @pytest.fixture(scope='module')

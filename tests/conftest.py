@@ -146,9 +146,11 @@ def device_env(devices=None):
 # The suite compiles hundreds of small programs and runs each on a few images, so compiling is
 # most of its time. XLA's backend optimisation level 1 compiles them about 2.5x faster than the
 # default (the two models' loss gradients: 20 s against 51 s) and runs them as fast; level 0
-# compiles a little faster still but runs the completion's calibration 2.6x slower. Workers and
-# subprocesses inherit the flag, so the numbers a test compares come from programs compiled alike.
-FAST_COMPILE_FLAGS = '--xla_backend_optimization_level=1'
+# compiles a little faster still but runs the completion's calibration 2.6x slower. XLA:CPU's
+# older loop emitters for fused elementwise work take a further 20-30 % off each compilation
+# (test_completion.py: 93 s of backend compilation against 132 s). Workers and subprocesses
+# inherit the flags, so the numbers a test compares come from programs compiled alike.
+FAST_COMPILE_FLAGS = ('--xla_backend_optimization_level=1', '--xla_cpu_use_fusion_emitters=false')
 
 
 def pytest_configure(config):
@@ -164,8 +166,9 @@ def pytest_configure(config):
   """
   if hasattr(config, 'workerinput'):
     return
-  if 'xla_backend_optimization_level' not in os.environ.get('XLA_FLAGS', ''):
-    os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {FAST_COMPILE_FLAGS}'.strip()
+  given = os.environ.get('XLA_FLAGS', '')
+  missing = [flag for flag in FAST_COMPILE_FLAGS if flag.split('=')[0] not in given]
+  os.environ['XLA_FLAGS'] = ' '.join([given, *missing]).strip()
   cli.configure_jax()
   if 'JAX_COMPILATION_CACHE_DIR' in os.environ:
     return

@@ -5,7 +5,6 @@ A Gaussian VAE (method single, mask sampling and count 'mixture') and a VQ-VAE
 experiments.complete and experiments.sparse_benchmark run as a user runs them.
 """
 import json
-import pathlib
 import re
 import shutil
 

@@ -304,7 +304,7 @@ def _rows(fractions, title, rows):
 def _difference(value, interval):
   if value is None:
     return '–'
-  return f'{value:+.4f}' + ('' if interval is None else f' [{interval[0]:+.4f}, {interval[1]:+.4f}]')
+  return f'{value:+.4f}' + ('' if interval is None else ' [{:+.4f}, {:+.4f}]'.format(*interval))
 
 
 def table(result):

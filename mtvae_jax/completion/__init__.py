@@ -12,8 +12,8 @@ The latents come from
 
   prior:      z ~ p(z), ignoring what the observed pixels say about z;
   posterior:  z ~ p(z | x_obs) ∝ p(z) L(x_obs | z), by importance weighting of
-              proposals, then resampling and MCMC moves that leave the posterior
-              invariant. The proposals are the latents of the Settings.neighbours
+              proposals, then resampling and (Settings.num_steps > 0) MCMC moves
+              that leave the posterior invariant. The proposals are the latents of the Settings.neighbours
               training images closest to x on its observed pixels (the components
               of the training set's aggregate posterior that its observed pixels
               select):

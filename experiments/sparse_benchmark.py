@@ -74,7 +74,10 @@ def run_benchmark(workdir):
                       f'1 to {height * width - 1} ({height}x{width} images)')
     fractions = [count / (height * width) for count in counts]
   sparse_benchmark.check_arguments(run, fractions, _NUM_IMAGES.value, _NUM_SAMPLES.value)
+  calibrating = time.perf_counter()
   helper = completion.completer(workdir, run)
+  print(f'completer ready (calibrated, or its cache read) in '
+        f'{time.perf_counter() - calibrating:.0f} s', flush=True)
   settings = completion.Settings(num_proposals=_NUM_PROPOSALS.value, num_steps=_NUM_STEPS.value,
                                  neighbours=_POSTERIOR_NEIGHBOURS.value)
   result = sparse_benchmark.benchmark(

@@ -21,6 +21,7 @@ from mtvae_jax import masks
 from mtvae_jax import prior
 from mtvae_jax.completion import benchmark as sparse_benchmark
 from mtvae_jax.completion import io as completion_io
+from mtvae_jax.completion import predictive
 from mtvae_jax.errors import UserError
 
 SETTINGS = completion.Settings(num_proposals=64, num_steps=8, neighbours=64)
@@ -154,6 +155,8 @@ def test_noise_scales_are_the_decoders_validation_residuals(gaussian_run):
   for source, ess, ridge in noise['weighting']:
     assert source in completion.SOURCES and ess in completion.ESS_TARGETS
     assert ridge in completion.RIDGES
+  assert len(noise['predictive']) == len(completion.CALIBRATION_FRACTIONS)
+  assert all(map(predictive.valid, noise['predictive']))
   assert json.loads((workdir / completion.CACHE_DIR / 'noise.json').read_text()) == dict(
       noise, sha256=completion.digest(noise))   # with its own sum
 
@@ -373,31 +376,69 @@ def test_complete_cli_reports_a_bad_input_in_one_line(gaussian_run, tmp_path):
   assert result.stderr.strip() == 'error: mask of image 0 observes no pixel: observe at least one'
 
 
-def test_sparse_benchmark_writes_the_documented_layout(gaussian_run):
-  workdir, helper = gaussian_run
-  result = sparse_benchmark.benchmark(helper, (0.25, 0.5), num_images=32, num_samples=NUM_SAMPLES,
-                                      neighbours=3, settings=SETTINGS, log=lambda line: None)
-  sparse_benchmark.write(workdir, result)
+@pytest.fixture(scope='module')
+def benchmark_result(gaussian_run):
+  _, helper = gaussian_run
+  return sparse_benchmark.benchmark(helper, (0.1, 0.25, 0.5), num_images=32,
+                                    num_samples=NUM_SAMPLES, neighbours=3, settings=SETTINGS,
+                                    log=lambda line: None)
+
+
+def test_sparse_benchmark_writes_the_documented_layout(gaussian_run, benchmark_result):
+  workdir, _ = gaussian_run
+  sparse_benchmark.write(workdir, benchmark_result)
   out = json.loads((workdir / sparse_benchmark.RESULT_FILE).read_text())
-  assert set(out) == {'fractions', 'results', 'posterior_vs'} and out['fractions'] == [0.25, 0.5]
-  assert set(out['results']) == set(sparse_benchmark.METHODS)
+  assert set(out) == {'fractions', 'results', 'images_per_second', 'posterior_vs'}
+  assert out['fractions'] == [0.1, 0.25, 0.5]
+  assert set(out['results']) == set(out['images_per_second']) == set(sparse_benchmark.METHODS)
   for method, by_sampling in out['results'].items():
     assert set(by_sampling) == {'uniform', 'exact'}
     for values in by_sampling.values():
       assert set(values) == set(sparse_benchmark.SCORES)
-      assert all(len(v) == 2 for v in values.values())
+      assert all(len(v) == 3 for v in values.values())
       assert (values['crps'][0] is None) == (method == 'interpolation')
+    assert all(len(speeds) == 3 and min(speeds) > 0
+               for speeds in out['images_per_second'][method].values())
   assert set(out['posterior_vs']) == set(sparse_benchmark.METHODS) - {'posterior'}
   for method, by_sampling in out['posterior_vs'].items():
     for sampling, values in by_sampling.items():
-      assert len(values['mse_difference']) == len(values['ci95']) == 2
-      for difference, (low, high), mine, theirs in zip(
-          values['mse_difference'], values['ci95'], out['results']['posterior'][sampling]['mse'],
-          out['results'][method][sampling]['mse']):
-        assert low < difference < high   # every image has as many hidden pixels: pooled MSEs
-        np.testing.assert_allclose(difference, mine - theirs, rtol=1e-4, atol=1e-7)
+      for score, (differences, intervals) in sparse_benchmark.VERSUS.items():
+        mine = out['results']['posterior'][sampling][score]
+        theirs = out['results'][method][sampling][score]
+        if theirs[0] is None:
+          assert values[differences] == values[intervals] == [None] * 3
+          continue
+        for difference, (low, high), a, b in zip(values[differences], values[intervals], mine,
+                                                 theirs):
+          assert low < difference < high   # every image has as many hidden pixels: pooled means
+          np.testing.assert_allclose(difference, a - b, rtol=1e-4, atol=1e-7)
   assert (workdir / sparse_benchmark.FIGURE_FILE).stat().st_size > 0
-  assert '| uniform | posterior |' in sparse_benchmark.table(out)
+  table = sparse_benchmark.table(out)
+  assert '| uniform | posterior |' in table and 'images per second' in table
+
+
+def test_more_observed_pixels_never_make_the_posterior_worse(benchmark_result):
+  """Its hidden-pixel MSE falls as the observed fraction grows, and stays at or below
+  interpolation's and near the neighbours' where they have many pixels to go on."""
+  results = benchmark_result['results']
+  for sampling in ('uniform', 'exact'):
+    mse = {method: results[method][sampling]['mse'] for method in results}
+    assert mse['posterior'] == sorted(mse['posterior'], reverse=True)
+    for mine, interpolated, near in zip(mse['posterior'], mse['interpolation'],
+                                        mse['nearest_neighbours']):
+      assert mine <= interpolated and mine <= 1.1 * near
+
+
+def test_bad_inputs_are_refused_before_the_run_is_calibrated(gaussian_run, tmp_path):
+  workdir, helper = gaussian_run
+  fresh = tmp_path / 'run'
+  shutil.copytree(workdir, fresh, ignore=shutil.ignore_patterns(completion.CACHE_DIR))
+  values = np.full((2, *helper.run.splits.test.shape[1:]), 0.5)
+  with pytest.raises(UserError, match='mask of image 1 observes no pixel'):
+    mtvae_jax.complete(fresh, values, np.stack([np.ones((8, 8)), np.zeros((8, 8))]))
+  with pytest.raises(UserError, match='num_samples=1 is not allowed'):
+    mtvae_jax.complete(fresh, values, np.ones((8, 8)), num_samples=1)
+  assert not (fresh / completion.CACHE_DIR).exists()
 
 
 @pytest.mark.parametrize('flags,message', [

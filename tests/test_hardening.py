@@ -504,7 +504,9 @@ def test_json_files_get_the_mode_of_the_umask(tmp_path, umask):
 
 
 GOOD_NOISE = {'observed': 0.1, 'hidden': 0.2, 'candidates': completion.CANDIDATES,
-              'weighting': [['decoder', 4.0, 0.001]] * len(completion.CALIBRATION_FRACTIONS)}
+              'weighting': [['decoder', 8.0, 0.001]] * len(completion.CALIBRATION_FRACTIONS),
+              'predictive': [{'blend': [1.0, 0.0, 0.0, 0.0], 'spread': [1.0, 0.0, 0.0]}]
+                            * len(completion.CALIBRATION_FRACTIONS)}
 SOURCES = {'run': 'a1', 'prior': None, 'settings': {'pool_size': 3}}
 
 

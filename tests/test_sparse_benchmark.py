@@ -5,6 +5,7 @@ import pytest
 from scipy import stats
 
 from mtvae_jax.completion import benchmark as bench
+from mtvae_jax.completion import predictive
 from mtvae_jax.errors import UserError
 
 
@@ -26,7 +27,7 @@ def test_crps_of_gaussian_samples_matches_the_closed_form():
 def test_crps_of_one_repeated_sample_is_the_absolute_error():
   samples = np.full((3, 5), 0.4)
   np.testing.assert_allclose(bench.crps(samples, np.array([0.4, 0.1, 1.0])), [0.0, 0.3, 0.6],
-                             atol=1e-12)
+                             atol=1e-6)   # float32
 
 
 def test_coverage_of_gaussian_samples_matches_the_interval():
@@ -120,3 +121,31 @@ def test_exact_benchmark_masks_are_one_grid_and_uniform_ones_differ():
 def test_check_fractions_refuses_fractions_observing_no_or_every_pixel_or_not_finite(fractions):
   with pytest.raises(UserError, match='observed fractions'):
     bench.check_fractions(fractions, 64)
+
+
+def test_smoothing_keeps_a_constant_and_the_blend_recovers_its_weights():
+  rng = np.random.default_rng(4)
+  mask = (rng.uniform(size=(8, 8, 1)) < 0.2).astype(np.float32)
+  for width in predictive.SMOOTHING_WIDTHS:
+    np.testing.assert_allclose(predictive.smooth(np.full((8, 8, 1), 0.3) * mask, mask, width), 0.3,
+                               rtol=1e-5)
+  predictors = rng.uniform(size=(16, len(predictive.PREDICTORS), 8, 8, 1)).astype(np.float32)
+  weights = np.array([0.5, 0.3, 0.15, 0.05], np.float32)
+  truth = np.tensordot(predictors, weights, axes=([1], [0]))
+  hidden = (rng.uniform(size=truth.shape) < 0.7).astype(np.float32)
+  np.testing.assert_allclose(predictive.fit_blend(predictors, truth, hidden), weights, atol=1e-3)
+
+
+def test_the_spread_is_chosen_by_the_crps_of_the_samples():
+  """Truth drawn like the neighbours around their mean: their residuals, unscaled and without
+  noise, score best."""
+  rng = np.random.default_rng(5)
+  near = rng.normal(size=(64, 8, 4, 4, 1)).astype(np.float32) * 0.1
+  truth = rng.normal(size=(64, 4, 4, 1)).astype(np.float32) * 0.1 + 0.5
+  predictors = np.zeros((64, len(predictive.PREDICTORS), 4, 4, 1), np.float32)
+  predictors[:, 0] = 0.5
+  residuals = np.stack([np.zeros_like(near), near - near.mean(axis=1, keepdims=True)], axis=1)
+  choice = predictive.calibrate(jax.random.key(0), predictors, residuals, truth,
+                                np.ones_like(truth), 0.01)
+  assert choice['spread'][0] == 0.0 and choice['spread'][1] in (1.0, 1.25)
+  assert predictive.valid(choice)

@@ -12,8 +12,8 @@ The latents come from
 
   prior:      z ~ p(z), ignoring what the observed pixels say about z;
   posterior:  z ~ p(z | x_obs) ∝ p(z) L(x_obs | z), by importance weighting of
-              proposals, then resampling and MCMC moves that leave the posterior
-              invariant. The proposals are the latents of the Settings.neighbours
+              proposals, then resampling and (Settings.num_steps > 0) MCMC moves
+              that leave the posterior invariant. The proposals are the latents of the Settings.neighbours
               training images closest to x on its observed pixels (the components
               of the training set's aggregate posterior that its observed pixels
               select):
@@ -47,25 +47,31 @@ The latents come from
               where there is none), applied to the misfit there of the
               proposal the draw was resampled from (before its MCMC moves).
               The source, the target and the ridge are calibrated per observed
-              fraction (CALIBRATION_FRACTIONS) on validation images, and an
-              image takes those of the fraction nearest its own.
+              fraction (CALIBRATION_FRACTIONS) on validation images, scattered
+              and on grids, and an image takes those of the fraction nearest
+              its own.
 
-Predictive samples are clip(f(z, m) + a + s eps, 0, 1) (the data's range), a the adjustment
-(0 for the prior method), with s
-= s_obs and s_hid, root mean squared residuals of f given the encoder's z on
+The prior method's samples are clip(f(z, m) + s eps, 0, 1) (the data's range),
+s = s_obs and s_hid, root mean squared residuals of f given the encoder's z on
 the observed and hidden pixels of validation images (completion/noise.json)
-under the run's own mask distribution. The prior method's mean is the average of
-f(z, m) over its samples; the posterior's mean is weighted over all proposals,
-a lower-variance estimate than an average of the resampled few. The std is
-sqrt(var of f(z, m) + a over the samples + s^2).
+under the run's own mask distribution; its mean the average of f(z, m), its
+std sqrt(var of f(z, m) + s^2). The posterior's samples at the observed pixels
+are its draws f(z, m) + a (a the adjustment) with that noise, around the
+posterior mean (weighted over all proposals, a lower-variance estimate than an
+average of the resampled few); at the hidden pixels they come from a
+predictive distribution calibrated on validation images per observed fraction
+(predictive.py): a least-squares blend of the posterior mean with the nearest
+neighbours' mean and smoothings of the observed pixels, where the model alone
+would do worse, and structured spread (the draws' and the neighbours'
+residuals, scaled to the lowest CRPS).
 
 Everything per image is vmapped over images and jitted; images are completed
 in chunks of one shape, so each setting compiles once.
 
 The package's modules: settings (constants, the shared NamedTuples), families (the Gaussian
 and VQ samplers, MODELS), cache (the completion/ files), posterior (an image's proposals and
-completion), weighting (their weights and regression adjustment), calibration (noise scales
-and weighting choices), inputs (checks and sizes); io (the files of experiments.complete) and
+completion), weighting (their weights and regression adjustment), predictive (the hidden
+pixels' distribution), calibration (noise scales, weighting and predictive choices), inputs (checks and sizes); io (the files of experiments.complete) and
 benchmark (experiments.sparse_benchmark). This module loads a run and completes images.
 """
 import functools
@@ -137,7 +143,9 @@ def completer(workdir, run=None):
   family = MODELS[run.config.model].family(workdir, run, sources)
   search = jnp.asarray(
       run.splits.train[:max(1, SEARCH_VALUES // math.prod(run.splits.train.shape[1:]))])
-  return Completer(run, family, noise_scales(workdir, run, family, search, sources), search, {})
+  functions = {}
+  return Completer(run, family, noise_scales(workdir, run, family, search, sources, functions),
+                   search, functions)
 
 
 def complete_arrays(completer, x, mask, num_samples=32, method='posterior', seed=0,

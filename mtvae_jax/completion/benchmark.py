@@ -24,15 +24,19 @@ Scores, over the hidden pixels only:
   coverage90  share of hidden pixel values inside the samples' 5 % - 95 % quantiles
 A method without samples has null crps and coverage90.
 
-The posterior's hidden-pixel MSE is also compared image by image with each other
-method's: the mean of the per-image differences (posterior minus method) and
-its 95 % confidence interval (paired t-test, scipy), which says whether a gap
-is larger than the spread between images.
+The posterior's hidden-pixel MSE and CRPS are also compared image by image with
+each other method's: the mean of the per-image differences (posterior minus
+method) and its 95 % confidence interval (paired t-test, scipy), which says
+whether a gap is larger than the spread between images. Each method's speed
+is its images per second over the whole call (the first call of a method
+includes its compilation, and the posterior's first its calibration where
+that is not cached yet).
 
 `benchmark` returns {"fractions": [...], "results": {method: {sampling: {score: [one
-value per fraction]}}}, "posterior_vs": {method: {sampling: {"mse_difference": [...],
-"ci95": [[low, high], ...]}}}}, which `write` saves as sparse_benchmark.json with a
-figure.
+value per fraction]}}}, "images_per_second": {method: {sampling: [...]}},
+"posterior_vs": {method: {sampling: {"mse_difference": [...], "ci95": [[low, high],
+...], "crps_difference": [...], "crps_ci95": [...]}}}} (null CRPS entries for a
+method without samples), which `write` saves as sparse_benchmark.json with a figure.
 """
 import functools
 import json
@@ -49,6 +53,7 @@ from scipy import stats
 
 from mtvae_jax import completion
 from mtvae_jax import masks
+from mtvae_jax.completion import predictive
 from mtvae_jax.errors import UserError
 
 FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)
@@ -56,6 +61,8 @@ SAMPLINGS = ('uniform', 'exact')
 METHODS = ('posterior', 'prior', 'mean_image', 'interpolation', 'nearest_neighbours')
 SCORES = ('mse', 'psnr', 'ssim', 'crps', 'coverage90')
 SSIM_WINDOW = 11
+# posterior_vs's lists, by score: the per-image differences and their intervals.
+VERSUS = {'mse': ('mse_difference', 'ci95'), 'crps': ('crps_difference', 'crps_ci95')}
 RESULT_FILE = 'sparse_benchmark.json'
 FIGURE_FILE = 'figures/sparse_benchmark.png'
 
@@ -63,16 +70,8 @@ FIGURE_FILE = 'figures/sparse_benchmark.png'
 # Scores.
 
 def crps(samples, truth):
-  """Per value CRPS of the empirical distribution of `samples` (N, S, ...) at `truth` (N, ...).
-
-  E|X - y| - E|X - X'| / 2, the second term from the sorted samples as
-  sum_i (2 i - S - 1) x_(i) / S^2 (i = 1..S).
-  """
-  num = samples.shape[1]
-  spread = np.sort(samples, axis=1)
-  weights = (2.0 * np.arange(1, num + 1) - num - 1).reshape(1, num, *[1] * (samples.ndim - 2))
-  return (np.mean(np.abs(samples - truth[:, None]), axis=1)
-          - np.sum(weights * spread, axis=1) / num ** 2)
+  """Per value CRPS (N, ...) of the samples (N, S, ...) at truth (N, ...): predictive.crps."""
+  return np.asarray(predictive.crps(jnp.asarray(samples), jnp.asarray(truth)))
 
 
 def inside_interval(samples, truth, level=0.9):
@@ -96,6 +95,12 @@ def hidden_mse(truth, mask, mean):
   method's mean (N, H, W, C)."""
   hidden = np.broadcast_to(mask == 0, truth.shape)
   return np.sum(np.square(mean - truth) * hidden, axis=(1, 2, 3)) / np.sum(hidden, axis=(1, 2, 3))
+
+
+def hidden_crps(truth, mask, samples):
+  """Per image mean CRPS (N,) over the hidden pixels of a method's samples (N, S, H, W, C)."""
+  hidden = np.broadcast_to(mask == 0, truth.shape)
+  return np.sum(crps(samples, truth) * hidden, axis=(1, 2, 3)) / np.sum(hidden, axis=(1, 2, 3))
 
 
 def paired_difference(errors, reference):
@@ -217,7 +222,9 @@ def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, 
   }
   results = {method: {sampling: {score: [] for score in SCORES} for sampling in samplings}
              for method in methods}
-  versus = {method: {sampling: {'mse_difference': [], 'ci95': []} for sampling in samplings}
+  speed = {method: {sampling: [] for sampling in samplings} for method in methods}
+  versus = {method: {sampling: {name: [] for names in VERSUS.values() for name in names}
+                     for sampling in samplings}
             for method in methods if method != 'posterior'}
   for s_index, sampling in enumerate(samplings):
     for f_index, fraction in enumerate(fractions):
@@ -226,22 +233,28 @@ def benchmark(helper, fractions=FRACTIONS, samplings=SAMPLINGS, num_images=100, 
       count = round(fraction * height * width)
       mask = benchmark_masks(mask_key, sampling, count, num_images, (height, width))
       x = np.where(mask > 0, truth, 0.0).astype(np.float32)
-      errors = {}
+      per_image = {}
       for method, predict in methods.items():
         start = time.perf_counter()
         mean, samples = predict(x, mask, method_key)
+        seconds = time.perf_counter() - start
+        speed[method][sampling].append(num_images / seconds)
         measured = scores(truth, mask, np.asarray(mean), samples)
         for score, value in measured.items():
           results[method][sampling][score].append(value)
-        errors[method] = hidden_mse(truth, mask, np.asarray(mean))
-        if method in versus:
-          difference, interval = paired_difference(errors['posterior'], errors[method])
-          versus[method][sampling]['mse_difference'].append(difference)
-          versus[method][sampling]['ci95'].append(interval)
+        per_image[method] = {'mse': hidden_mse(truth, mask, np.asarray(mean)),
+                             'crps': None if samples is None else hidden_crps(truth, mask, samples)}
+        for score, names in VERSUS.items() if method in versus else ():
+          theirs = per_image[method][score]
+          pair = (None, None) if theirs is None else paired_difference(
+              per_image['posterior'][score], theirs)
+          for name, value in zip(names, pair):
+            versus[method][sampling][name].append(value)
         log(f'{sampling} {fraction:g} ({count} pixels) {method}: '
             + ' '.join(f'{k}={v:.4g}' for k, v in measured.items() if v is not None)
-            + f' ({time.perf_counter() - start:.1f} s)')
-  return {'fractions': fractions, 'results': results, 'posterior_vs': versus}
+            + f' ({seconds:.1f} s, {num_images / seconds:.3g} images/s)')
+  return {'fractions': fractions, 'results': results, 'images_per_second': speed,
+          'posterior_vs': versus}
 
 
 def _completion(helper, x, mask, num_samples, method, seed, settings):
@@ -280,24 +293,41 @@ def write(workdir, result):
   save_figure(workdir / FIGURE_FILE, result)
 
 
+def _rows(fractions, title, rows):
+  """A markdown table of `title` columns masks | method, then one cell per fraction."""
+  return ['', title, '', '| masks | method | ' + ' | '.join(f'{100 * f:.3g} %' for f in fractions)
+          + ' |', '|---|---|' + '---:|' * len(fractions)] + [
+              f'| {sampling} | {method} | ' + ' | '.join(cells) + ' |'
+              for sampling, method, cells in rows]
+
+
+def _difference(value, interval):
+  if value is None:
+    return '–'
+  return f'{value:+.4f}' + ('' if interval is None else ' [{:+.4f}, {:+.4f}]'.format(*interval))
+
+
 def table(result):
-  """Markdown table: per sampling and method, the hidden-pixel MSE (and 90 % coverage) by fraction."""
+  """Markdown tables by fraction, per sampling and method: hidden-pixel MSE, CRPS and 90 %
+  coverage; images per second; the posterior's paired differences from each method."""
   fractions, results = result['fractions'], result['results']
-  lines = ['| masks | method | ' + ' | '.join(f'{100 * f:.3g} %' for f in fractions) + ' |',
-           '|---|---|' + '---:|' * len(fractions)]
-  for sampling in next(iter(results.values())):
-    for method, by_sampling in results.items():
-      values = by_sampling[sampling]
-      cells = [f'{mse:.4f}' + ('' if cov is None else f' ({cov:.2f})')
-               for mse, cov in zip(values['mse'], values['coverage90'])]
-      lines.append(f'| {sampling} | {method} | ' + ' | '.join(cells) + ' |')
-  lines += ['', 'posterior minus each method, per-image hidden-pixel MSE: mean [95 % interval]', '',
-            '| masks | method | ' + ' | '.join(f'{100 * f:.3g} %' for f in fractions) + ' |',
-            '|---|---|' + '---:|' * len(fractions)]
-  for sampling in next(iter(results.values())):
-    for method, by_sampling in result.get('posterior_vs', {}).items():
-      values = by_sampling[sampling]
-      cells = [f'{d:+.4f}' + ('' if ci is None else f' [{ci[0]:+.4f}, {ci[1]:+.4f}]')
-               for d, ci in zip(values['mse_difference'], values['ci95'])]
-      lines.append(f'| {sampling} | {method} | ' + ' | '.join(cells) + ' |')
-  return '\n'.join(lines)
+  samplings = list(next(iter(results.values())))
+  number = lambda value, digits: '–' if value is None else f'{value:.{digits}f}'
+  cells = lambda values: [f'{number(mse, 4)} / {number(crps_, 4)} / {number(cov, 2)}'
+                          for mse, crps_, cov in zip(values['mse'], values['crps'],
+                                                     values['coverage90'])]
+  lines = _rows(fractions, 'hidden-pixel MSE / CRPS / coverage90', [
+      (sampling, method, cells(by_sampling[sampling]))
+      for sampling in samplings for method, by_sampling in results.items()])
+  if 'images_per_second' in result:
+    lines += _rows(fractions, 'images per second', [
+        (sampling, method, [f'{v:.3g}' for v in by_sampling[sampling]])
+        for sampling in samplings for method, by_sampling in result['images_per_second'].items()])
+  for score, names in VERSUS.items():
+    lines += _rows(fractions, f'posterior minus each method, per-image hidden-pixel '
+                   f'{score.upper()}: mean [95 % interval]', [
+                       (sampling, method, [_difference(*pair) for pair in zip(
+                           *(by_sampling[sampling].get(name, ()) for name in names))])
+                       for sampling in samplings
+                       for method, by_sampling in result.get('posterior_vs', {}).items()])
+  return '\n'.join(lines[1:])

@@ -9,18 +9,19 @@ from mtvae_jax import train
 METHODS = ('posterior', 'prior')
 VALUE_RANGE = (0.0, 1.0)    # the data loaders' range, and the decoders' (a sigmoid)
 CACHE_DIR = 'completion'
-NOISE_IMAGES = 2048          # validation images behind the noise scales
-CALIBRATION_IMAGES = 128     # validation images behind each weighting choice
+NOISE_IMAGES = 512           # validation images behind the noise scales
+CALIBRATION_IMAGES = 32      # validation images behind each fraction's choices
+CALIBRATION_SAMPLES = 32     # posterior draws per validation image behind the spread's choice
 CALIBRATION_FRACTIONS = (0.01, 0.02, 0.05, 0.1, 0.25, 0.5)   # observed fractions calibrated
 SOURCES = ('decoder', 'neighbours', 'decoder_on_neighbours')   # what scores a proposal's fit
-ESS_TARGETS = (4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # candidate effective sample sizes of the weights
-POOL_SIZE = 1024             # PixelCNN prior samples of a VQ run, drawn once
+ESS_TARGETS = (8.0, 32.0, 128.0)  # candidate effective sample sizes of the weights
+POOL_SIZE = 256              # PixelCNN prior samples of a VQ run, drawn once
 SEARCH_VALUES = 2 ** 26      # at most this many pixel values of training images are searched
 TARGET_ACCEPTANCE = 0.574    # MALA's optimal acceptance rate (Roberts and Rosenthal, 1998)
 ADAPTATION_RATE = 2.0        # change of log step size per step, per unit of acceptance error
 TEMPERATURE_RANGE = (-20.0, 20.0)   # log temperatures searched by `temper`
 TEMPERATURE_STEPS = 48       # bisection steps of `temper`
-RIDGES = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 1.0)   # candidate ridge penalties of regression_adjustment
+RIDGES = (1e-3, 1e-2, 1e-1)   # candidate ridge penalties of regression_adjustment
 ADJUSTMENT_STEPS = 64        # conjugate-gradient steps of regression_adjustment
 CANDIDATES = [list(SOURCES), list(ESS_TARGETS), list(RIDGES)]   # noise.json's record of them
 # Pixel values of one image's samples decoded at once: 2**20 took about 2.5 GB (8x8 digits).
@@ -33,7 +34,7 @@ class Settings(NamedTuple):
   proposals (VQ: besides the PixelCNN pool); prior draws as proposals where neighbours is 0 (the
   model's own prior alone; a VQ run uses its pool); MCMC steps of the samples."""
   num_proposals: int = 256
-  num_steps: int = 4
+  num_steps: int = 0
   neighbours: int = 256
 
 

@@ -149,3 +149,27 @@ def test_the_spread_is_chosen_by_the_crps_of_the_samples():
                                 np.ones_like(truth), 0.01)
   assert choice['spread'][0] == 0.0 and choice['spread'][1] in (1.0, 1.25)
   assert predictive.valid(choice)
+
+
+def test_the_calibrated_samples_score_no_worse_than_the_neighbours_and_cover_their_interval():
+  """8 neighbours drawn like the truth around each image's centre, a noisy posterior mean: the
+  choice's CRPS is at most the neighbours' own, and its coverage90 is in range where the
+  neighbours' residuals as they are would cover 0.71."""
+  rng = np.random.default_rng(6)
+  centre = rng.uniform(0.3, 0.7, size=(64, 1, 4, 4, 1))
+  near = (centre + 0.1 * rng.normal(size=(64, 8, 4, 4, 1))).astype(np.float32)
+  truth = (centre[:, 0] + 0.1 * rng.normal(size=(64, 4, 4, 1))).astype(np.float32)
+  predictors = np.zeros((64, len(predictive.PREDICTORS), 4, 4, 1), np.float32)
+  predictors[:, 0] = truth + 0.3 * rng.normal(size=truth.shape)
+  predictors[:, 1] = near.mean(axis=1)
+  residuals = np.stack([0.3 * rng.normal(size=near.shape), near - near.mean(axis=1)[:, None]],
+                       axis=1).astype(np.float32)
+  key = jax.random.key(0)
+  choice = predictive.calibrate(key, predictors, residuals, truth, np.ones_like(truth), 0.05)
+  assert predictive.valid(choice)
+  samples, _, _ = jax.vmap(predictive.predict, in_axes=(0, 0, 0, None, None, None))(
+      jax.random.split(key, len(truth)), predictors, residuals, np.asarray(choice['blend']),
+      np.asarray(choice['spread'], np.float32), 0.05)
+  assert bench.crps(samples, truth).mean() <= bench.crps(near, truth).mean()
+  assert bench.inside_interval(near, truth).mean() < 0.75
+  assert 0.80 <= bench.inside_interval(samples, truth).mean() <= 0.97

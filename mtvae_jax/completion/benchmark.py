@@ -74,11 +74,10 @@ def crps(samples, truth):
   return np.asarray(predictive.crps(jnp.asarray(samples), jnp.asarray(truth)))
 
 
-def inside_interval(samples, truth, level=0.9):
-  """Per value 1.0 where `truth` (N, ...) lies within the central `level` interval of `samples`
-  (N, S, ...), from their empirical quantiles, else 0.0."""
-  low, high = np.quantile(samples, [(1 - level) / 2, (1 + level) / 2], axis=1)
-  return ((truth >= low) & (truth <= high)).astype(np.float64)
+def inside_interval(samples, truth):
+  """Per value 1.0 where truth (N, ...) lies within the central 90 % interval of the samples
+  (N, S, ...), else 0.0: predictive.inside_interval."""
+  return np.asarray(predictive.inside_interval(jnp.asarray(samples), jnp.asarray(truth)))
 
 
 @jax.jit

@@ -25,6 +25,10 @@ SPREADS = [list(spread) for spread in itertools.product(
     (0.0, 0.5, 1.0, 1.5), (0.0, 0.5, 1.0, 1.25), (0.0, 0.5))
            if any(spread)]
 BLEND_RIDGE = 1e-6   # relative ridge of fit_blend's normal equations
+# The blends tried beside fit_blend's: the neighbours' mean alone, which with the neighbours'
+# residuals at scale 1 reproduces their samples, so the choice never scores below them.
+FIXED_BLENDS = [[float(name == 'neighbours') for name in PREDICTORS]]
+COVERAGE_RANGE = (0.80, 0.97)   # calibrated share of hidden values inside the 90 % interval
 
 
 def crps(samples, truth):
@@ -38,6 +42,21 @@ def crps(samples, truth):
   weights = (2.0 * jnp.arange(1, num + 1) - num - 1).reshape(1, num, *[1] * (samples.ndim - 2))
   return (jnp.mean(jnp.abs(samples - truth[:, None]), axis=1)
           - jnp.sum(weights * spread, axis=1) / num ** 2)
+
+
+def inside_interval(samples, truth, level=0.9):
+  """Per value 1.0 where `truth` (N, ...) lies within the central `level` interval of `samples`
+  (N, S, ...), from their linearly interpolated empirical quantiles, else 0.0."""
+  ordered = jnp.sort(samples, axis=1)
+  last = samples.shape[1] - 1
+
+  def quantile(q):  # x_(i) + f (x_(i+1) - x_(i)): exact where the two are equal
+    below, fraction = divmod(q * last, 1.0)
+    below = int(below)
+    return ordered[:, below] + fraction * (ordered[:, min(below + 1, last)] - ordered[:, below])
+
+  inside = (truth >= quantile((1 - level) / 2)) & (truth <= quantile((1 + level) / 2))
+  return inside.astype(jnp.float32)
 
 
 def smooth(x, mask, width):
@@ -85,25 +104,37 @@ def fit_blend(predictors, truth, hidden):
 
 
 @jax.jit
-def spread_scores(key, predictors, residuals, truth, hidden, blend, noise):
-  """Mean hidden-pixel CRPS (len(SPREADS),) of the samples under each SPREADS entry."""
+def spread_scores(key, predictors, residuals, truth, hidden, blends, noise):
+  """Mean hidden-pixel CRPS and coverage90, each (len(blends), len(SPREADS)), of the samples
+  under each blend (B, len(PREDICTORS)) and SPREADS entry."""
   keys = jax.random.split(key, len(truth))
 
-  def score(spread):
+  def score(choice):
+    blend, spread = choice
     samples, _, _ = jax.vmap(predict, in_axes=(0, 0, 0, None, None, None))(
         keys, predictors, residuals, blend, spread, noise)
-    return jnp.sum(crps(samples, truth) * hidden) / jnp.sum(hidden)
+    mean = lambda values: jnp.sum(values * hidden) / jnp.sum(hidden)
+    return mean(crps(samples, truth)), mean(inside_interval(samples, truth))
 
-  return jax.lax.map(score, jnp.asarray(SPREADS, jnp.float32))
+  spreads = jnp.asarray(SPREADS, jnp.float32)
+  pairs = (jnp.repeat(blends, len(spreads), axis=0), jnp.tile(spreads, (len(blends), 1)))
+  scores, coverage = jax.lax.map(score, pairs)
+  return scores.reshape(len(blends), -1), coverage.reshape(len(blends), -1)
 
 
 def calibrate(key, predictors, residuals, truth, hidden, noise):
-  """{'blend': fit_blend's weights, 'spread': the SPREADS entry of the lowest CRPS} for the
-  predictors (N, P, H, W, C) and residuals (N, 2, S, H, W, C) of validation images."""
-  blend = fit_blend(predictors, truth, hidden)
-  scores = spread_scores(key, predictors, residuals, truth, hidden, blend, noise)
-  return {'blend': [float(w) for w in np.asarray(blend)],
-          'spread': SPREADS[int(np.argmin(np.asarray(scores)))]}
+  """{'blend', 'spread'}: of fit_blend's weights and FIXED_BLENDS, and of SPREADS, the pair whose
+  samples have the lowest CRPS among those whose coverage90 lies in COVERAGE_RANGE (the
+  nearest to it when none does), for the predictors (N, P, H, W, C) and residuals
+  (N, 2, S, H, W, C) of validation images."""
+  blends = jnp.concatenate([fit_blend(predictors, truth, hidden)[None],
+                            jnp.asarray(FIXED_BLENDS, jnp.float32)])
+  scores, coverage = map(np.asarray, spread_scores(key, predictors, residuals, truth, hidden,
+                                                   blends, noise))
+  low, high = COVERAGE_RANGE
+  miss = np.maximum(low - coverage, 0.0) + np.maximum(coverage - high, 0.0)
+  best = np.unravel_index(np.lexsort((scores.ravel(), miss.ravel()))[0], scores.shape)
+  return {'blend': [float(w) for w in np.asarray(blends[best[0]])], 'spread': SPREADS[best[1]]}
 
 
 def valid(row):

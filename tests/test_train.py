@@ -25,7 +25,7 @@ SMALL = ['--config.gaussian.hidden_sizes=(8,16)', '--config.gaussian.latent_dim=
 @pytest.mark.parametrize('model_name,method', VARIANTS)
 def test_each_config_file_trains_and_lowers_its_loss(model_name, method, tmp_path):
   """configs/<model>_<method>.py with experiments.main's flag handling, trained for 2 epochs."""
-  name = f"{dict(gaussian='gauss', vq='vq')[model_name]}_{dict(none='base').get(method, method)}"
+  name = f'{runs.CONFIG_FILES[model_name]}_{runs.METHOD_FILES[method]}'
   config = runs.resolve([f'--config={ROOT}/configs/{name}.py', *SMALL])
   assert (config.model, config.method) == (model_name, method)
   metrics = train.train_and_evaluate(config, tmp_path)

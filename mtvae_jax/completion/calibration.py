@@ -184,4 +184,6 @@ def made_from(workdir, run):
                        'candidates': CANDIDATES, 'pool_size': POOL_SIZE,
                        'calibration_samples': CALIBRATION_SAMPLES,
                        'predictors': list(predictive.PREDICTORS), 'spreads': predictive.SPREADS,
+                       'fixed_blends': predictive.FIXED_BLENDS,
+                       'coverage_range': list(predictive.COVERAGE_RANGE),
                        'sampler': Settings()._asdict()}}
